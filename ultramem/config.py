@@ -1,0 +1,339 @@
+"""Nested dataclass configs, dotted overrides, save/load.
+
+The run config is a tree: ``Config(model=ModelConfig(ffn=..., memory=...), train=..., data=...)``.
+Layer configs (``model.ffn``, ``model.memory``) are polymorphic: each registered layer type has
+its own dataclass (see :mod:`ultramem.layers.registry`), serialised with a ``"type"`` key.
+
+Precedence (as in lingua): dataclass defaults < preset < config file (JSON) < dotted overrides::
+
+    cfg = load_config(preset="tiny-ultramem", overrides=["model.d_model=128", "train.max_steps=20"])
+
+Unknown fields are rejected with the nearest valid name suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ultramem.layers.registry import LayerConfig, layer_config_class, layer_types
+from ultramem.layers.mlp import MLPConfig
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the field, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Host transformer (SPEC §1). Sizes follow the UltraMem paper's naming."""
+
+    vocab_size: int = 50432
+    d_model: int = 1024
+    n_layers: int = 12
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    ffn: LayerConfig = field(default_factory=MLPConfig)  # the per-block feed-forward part
+    memory: LayerConfig | None = None  # memory layers wired by memory.placement (SPEC §1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                f"choose n_heads among {_divisors(self.d_model)[:12]}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model head_dim={self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}"
+            )
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"model.norm={self.norm!r}; allowed: 'layernorm', 'rmsnorm'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout}; allowed: 0 <= dropout < 1")
+        if self.ffn.role != "ffn":
+            raise ConfigError(
+                f"model.ffn.type={self.ffn.type!r} is a memory layer; put it under model.memory "
+                f"(ffn types: {layer_types('ffn')})"
+            )
+        if self.memory is not None and self.memory.role != "memory":
+            raise ConfigError(
+                f"model.memory.type={self.memory.type!r} is not a memory layer; "
+                f"memory types: {layer_types('memory')}"
+            )
+        from ultramem.layers.registry import ShapeContext  # noqa: PLC0415 (avoid cycle at import)
+
+        self.ffn.validate(ShapeContext.for_model(self), "model.ffn")
+        if self.memory is not None:
+            from ultramem.model.placement import parse_placement  # noqa: PLC0415
+
+            spans = parse_placement(self.memory.placement, self.n_layers, self.memory)
+            self.memory.validate(ShapeContext.for_model(self, len(spans)), "model.memory")
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from (see :mod:`ultramem.data`)."""
+
+    path: str = "data/default"  # a prepared dataset directory (``ultramem data prepare``)
+    seq_len: int = 256
+    val_fraction: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and loop (see :mod:`ultramem.train`)."""
+
+    max_steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_frac: float = 0.01
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 100
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return from_dict(cls, d, "")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain JSON-able dict; layer configs carry their ``type``."""
+    if dataclasses.is_dataclass(obj):
+        out: dict[str, Any] = {}
+        if isinstance(obj, LayerConfig):
+            out["type"] = obj.type
+        for f in dataclasses.fields(obj):
+            out[f.name] = to_dict(getattr(obj, f.name))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(name: str, where: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {where}{near[0]!r}?" if near else ""
+    return ConfigError(f"unknown config field {where}{name!r}{hint} (valid: {', '.join(valid)})")
+
+
+def _is_layer_type(tp: Any) -> bool:
+    args = typing.get_args(tp) or (tp,)
+    return any(isinstance(a, type) and issubclass(a, LayerConfig) for a in args)
+
+
+def _layer_from_dict(d: dict[str, Any], where: str) -> LayerConfig:
+    d = dict(d)
+    if "type" not in d:
+        raise ConfigError(f"{where} needs a 'type' (one of {layer_types()})")
+    cls = layer_config_class(d.pop("type"), where)
+    return from_dict(cls, d, where + ".")
+
+
+def from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    """Plain dict -> dataclass ``cls``, rejecting unknown keys with a suggestion."""
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in names:
+            raise _unknown(key, where, names)
+        tp = hints[key]
+        if value is not None and _is_layer_type(tp):
+            kwargs[key] = _layer_from_dict(value, f"{where}{key}")
+        elif value is not None and dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a JSON or command-line value to the annotated type, or raise a ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}={value!r} is invalid")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return origin(_coerce(v, inner, where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}={value!r} must be a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r} must be an integer") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return int(as_float)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r} must be a number") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def apply_override(cfg: Config, dotted: str) -> None:
+    """Apply one ``a.b.c=value`` override in place.
+
+    ``model.memory=none`` removes the memory layers; ``model.memory.type=pkm`` (or
+    ``model.ffn.type=moe``) switches the layer type, keeping the fields both types share.
+    """
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} must look like field.path=value")
+    path, raw = dotted.split("=", 1)
+    parts = path.strip().split(".")
+    obj: Any = cfg
+    where = ""
+    for name in parts[:-1]:
+        names = [f.name for f in dataclasses.fields(obj)]
+        if name not in names:
+            raise _unknown(name, where, names)
+        child = getattr(obj, name)
+        if child is None:
+            raise ConfigError(
+                f"{where}{name} is unset; set {where}{name}.type=<type> first "
+                f"(types: {layer_types()})"
+            )
+        obj, where = child, f"{where}{name}."
+    last = parts[-1]
+    if isinstance(obj, LayerConfig) and last == "type":
+        parent = _parent(cfg, parts[:-1])
+        new_cls = layer_config_class(raw, where + "type")
+        shared = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        keep = {k: v for k, v in shared.items() if k in {f.name for f in dataclasses.fields(new_cls)}}
+        setattr(parent, parts[-2], new_cls(**keep))
+        return
+    names = [f.name for f in dataclasses.fields(obj)]
+    if last not in names:
+        raise _unknown(last, where, names)
+    tp = _field_types(type(obj))[last]
+    if _is_layer_type(tp):
+        if raw.lower() in ("none", "null"):
+            setattr(obj, last, None)
+        else:
+            setattr(obj, last, layer_config_class(raw, f"{where}{last}")())
+        return
+    setattr(obj, last, _coerce(raw, tp, where + last))
+
+
+def _parent(cfg: Config, parts: list[str]) -> Any:
+    obj: Any = cfg
+    for name in parts[:-1]:
+        obj = getattr(obj, name)
+    return obj
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Defaults, then a preset, then a JSON config file, then dotted overrides; validated."""
+    from ultramem.presets import get_preset  # noqa: PLC0415 (presets import this module)
+
+    cfg = get_preset(preset) if preset else Config()
+    if config_file is not None:
+        cfg = Config.from_dict(json.loads(Path(config_file).read_text()))
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg.validate()

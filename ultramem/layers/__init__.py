@@ -1,0 +1,7 @@
+"""Sparse layers. Importing this package registers every built-in layer type."""
+
+from ultramem.layers import mlp  # noqa: F401
+from ultramem.layers.base import ParamGroupHint, SparseLayer
+from ultramem.layers.registry import LayerConfig, ShapeContext, layer_types, register_layer
+
+__all__ = ["LayerConfig", "ParamGroupHint", "ShapeContext", "SparseLayer", "layer_types", "register_layer"]

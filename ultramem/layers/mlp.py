@@ -1,0 +1,72 @@
+"""Dense feed-forward block (SPEC §1): GELU (paper) or SwiGLU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ultramem.layers.base import SparseLayer
+from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+
+
+@register_layer("mlp", role="ffn")
+@dataclass
+class MLPConfig(LayerConfig):
+    """``hidden`` is the inner dim; SwiGLU has two input projections of that width."""
+
+    hidden: int = 4096
+    activation: str = "gelu"  # "gelu" | "swiglu"
+    init_std: float = 0.02
+    out_init_scaled: bool = True  # output proj std / sqrt(2 L), GPT-2 style
+
+    def validate(self, shape: ShapeContext, where: str) -> None:
+        from ultramem.config import ConfigError  # noqa: PLC0415
+
+        if self.hidden <= 0:
+            raise ConfigError(f"{where}.hidden={self.hidden} must be a positive integer")
+        if self.activation not in ("gelu", "swiglu"):
+            raise ConfigError(f"{where}.activation={self.activation!r}; allowed: 'gelu', 'swiglu'")
+
+    def matrices(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+    def num_params(self, shape: ShapeContext) -> int:
+        return self.matrices() * shape.d_model * self.hidden
+
+    def active_params(self, shape: ShapeContext) -> int:
+        return self.num_params(shape)
+
+    def flops_per_token(self, shape: ShapeContext) -> int:
+        return 2 * self.num_params(shape)
+
+    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> "MLP":
+        return MLP(self, shape)
+
+
+class MLP(SparseLayer):
+    """``y = W_down act(W_up x)``; SwiGLU: ``W_down (silu(W_gate x) * W_up x)``. ``[B, S, D]``."""
+
+    def __init__(self, cfg: MLPConfig, shape: ShapeContext) -> None:
+        super().__init__()
+        self.cfg, self.n_layers = cfg, shape.n_layers
+        d = shape.d_model
+        self.up_proj = nn.Linear(d, cfg.hidden, bias=False)
+        self.gate_proj = nn.Linear(d, cfg.hidden, bias=False) if cfg.activation == "swiglu" else None
+        self.down_proj = nn.Linear(cfg.hidden, d, bias=False)
+
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        nn.init.normal_(self.up_proj.weight, std=std)
+        if self.gate_proj is not None:
+            nn.init.normal_(self.gate_proj.weight, std=std)
+        out_std = std / math.sqrt(2 * self.n_layers) if self.cfg.out_init_scaled else std
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        h = self.up_proj(x)
+        h = F.silu(self.gate_proj(x)) * h if self.gate_proj is not None else F.gelu(h)
+        return self.down_proj(h)
