@@ -1,0 +1,1 @@
+"""The UltraMem Table 2 ablation ladder (filled in with the layers)."""

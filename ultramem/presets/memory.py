@@ -1,0 +1,1 @@
+"""UltraMem / UltraMemV2 presets (filled in with the layers)."""
