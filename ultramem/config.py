@@ -187,8 +187,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _unknown(name: str, where: str, valid: list[str]) -> ConfigError:
     near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {where}{near[0]!r}?" if near else ""
-    return ConfigError(f"unknown config field {where}{name!r}{hint} (valid: {', '.join(valid)})")
+    hint = f"; did you mean '{where}{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config field '{where}{name}'{hint} (valid: {', '.join(valid)})")
 
 
 def _is_layer_type(tp: Any) -> bool:

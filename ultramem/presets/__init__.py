@@ -24,6 +24,9 @@ class Published:
     active_params: float | None = None
     source: str = ""
     convention: str = ""
+    # V2 Table 10 counts differently from SPEC §1 (see SPEC §6): add the tied input embedding.
+    embedding_in_params: bool = False
+    embedding_in_active: bool = False
     params_tolerance: float = 0.02
     gflops_tolerance: float = 0.05
 

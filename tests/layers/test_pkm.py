@@ -1,0 +1,48 @@
+import torch
+
+from ultramem.layers.memory_plus import MemoryPlusConfig
+from ultramem.layers.pkm import PKMConfig
+from ultramem.layers.registry import ShapeContext
+from ultramem.ops.retrieval.reference import brute_force_topk, product_key_topk
+
+
+def test_phase1_is_lossless_when_k_ge_m():
+    for n, k, m in [(16, 8, 8), (33, 12, 7), (50, 20, 20)]:
+        s_row, s_col = torch.randn(5, 3, n), torch.randn(5, 3, n)
+        scores, addr = product_key_topk(s_row, s_col, k, m)
+        full = s_row.unsqueeze(-1) + s_col.unsqueeze(-2)  # [..., N, N]
+        ref_scores, ref_addr = brute_force_topk(full, m)
+        assert torch.equal(addr.sort(-1).values, ref_addr.sort(-1).values)
+        assert torch.allclose(scores, ref_scores)
+        a, b = addr // n, addr % n
+        assert torch.allclose(scores, s_row.gather(-1, a) + s_col.gather(-1, b))
+
+
+def test_pkm_matches_definition():
+    cfg = PKMConfig(placement="1:1", n_keys=12, key_dim=8, heads=3, topk=5, query_norm="layernorm")
+    layer = cfg.build(ShapeContext(d_model=16, n_layers=2))
+    layer.init_weights()
+    x = torch.randn(2, 4, 16)
+    y = layer(x)
+    flat = x.reshape(-1, 16)
+    q = layer.retrieval.query_norm(layer.retrieval.query_proj(flat).view(8, 3, 2, 8))
+    out = torch.zeros(8, 16)
+    for t in range(8):
+        for h in range(3):
+            full = (layer.retrieval.keys[h, 0] @ q[t, h, 0])[:, None] + (layer.retrieval.keys[h, 1] @ q[t, h, 1])[None, :]
+            s, a = full.flatten().topk(5)
+            out[t] += (s.softmax(-1)[:, None] * layer.values[a]).sum(0)
+    assert torch.allclose(y.reshape(-1, 16), out, atol=1e-5)
+
+
+def test_memory_plus_shares_one_table():
+    from ultramem.config import load_config
+    from ultramem.model.transformer import Transformer
+
+    model = Transformer.build(load_config("tiny-memory-plus").model)
+    tables = {id(layer.shared.values) for layer in model.memory}
+    assert len(model.memory) == 2 and len(tables) == 1
+    hints = [h for layer in model.memory for h in layer.param_group_hints()]
+    assert len(hints) == 1 and hints[0].params[0] is model.memory_shared.values
+    cfg = MemoryPlusConfig()
+    assert cfg.shared_num_params(ShapeContext(d_model=64, n_layers=2)) == 512 * 512 * 64

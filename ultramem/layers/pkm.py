@@ -1,0 +1,116 @@
+"""Product-key memory (Lample et al. 2019; SPEC §2): multi-head, query normalisation,
+softmax over the top-m scores, ``D_v = D`` by default. Replaces the MLP of its block
+(``replace_ffn=true``) or runs parallel to it (the stronger ablation baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ultramem.layers.base import ParamGroupHint, SparseLayer
+from ultramem.layers.product_keys import QUERY_NORMS, ProductKeyRetrieval, retrieval_macs, retrieval_params
+from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.ops.lookup_reduce import lookup_reduce
+
+
+def check_product_keys(cfg: LayerConfig, where: str) -> None:
+    """Shared validation of product-key fields (n_keys, key_dim, heads, topk, k, query_norm)."""
+    from ultramem.config import ConfigError  # noqa: PLC0415
+
+    for name in ("n_keys", "key_dim", "heads", "topk"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{where}.{name}={getattr(cfg, name)} must be a positive integer")
+    k = cfg.k or cfg.topk
+    if k > cfg.n_keys:
+        raise ConfigError(f"{where}.k={k} exceeds {where}.n_keys={cfg.n_keys}; allowed: k <= n_keys")
+    if cfg.topk > k * k:
+        raise ConfigError(
+            f"{where}.topk={cfg.topk} exceeds k^2={k * k} candidates (k={k}); raise {where}.k "
+            f"or lower {where}.topk"
+        )
+    if cfg.query_norm not in QUERY_NORMS:
+        raise ConfigError(f"{where}.query_norm={cfg.query_norm!r}; allowed: {', '.join(QUERY_NORMS)}")
+
+
+@register_layer("pkm", role="memory")
+@dataclass
+class PKMConfig(LayerConfig):
+    placement: str = "6:6"
+    replace_ffn: bool = False  # True: the memory replaces its block's MLP (original PKM)
+    n_keys: int = 512  # N keys per side (the paper's Knum): N^2 values
+    key_dim: int = 512  # K, per side
+    heads: int = 4
+    topk: int = 32  # m values per head
+    k: int = 0  # phase-1 candidates per side (0: = topk)
+    value_dim: int = 0  # D_v (0: = d_model; an output projection is added otherwise)
+    query_norm: str = "batchnorm"  # Lample: BatchNorm on the query
+    softmax: bool = True
+    value_lr: float = 1e-3  # constant value LR (Lample)
+    init_std: float = 0.02
+    impl: str = "auto"
+
+    def validate(self, shape: ShapeContext, where: str) -> None:
+        check_product_keys(self, where)
+
+    def _dv(self, shape: ShapeContext) -> int:
+        return self.value_dim or shape.d_model
+
+    def _proj(self, shape: ShapeContext) -> int:
+        dv = self._dv(shape)
+        return 0 if dv == shape.d_model else dv * shape.d_model
+
+    def num_params(self, shape: ShapeContext) -> int:
+        r = retrieval_params(shape.d_model, self.heads, self.n_keys, self.key_dim, self.query_norm)
+        return r + self.n_keys**2 * self._dv(shape) + self._proj(shape)
+
+    def active_params(self, shape: ShapeContext) -> int:
+        r = retrieval_params(shape.d_model, self.heads, self.n_keys, self.key_dim, self.query_norm)
+        return r + self.heads * self.topk * self._dv(shape) + self._proj(shape)
+
+    def flops_per_token(self, shape: ShapeContext) -> int:
+        macs = retrieval_macs(shape.d_model, self.heads, self.n_keys, self.key_dim)
+        return 2 * (macs + self.heads * self.topk * self._dv(shape) + self._proj(shape))
+
+    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> "PKM":
+        return PKM(self, shape)
+
+
+class PKM(SparseLayer):
+    """``[B, S, D] -> [B, S, D]``: ``y = sum_j softmax(s)_j V[addr_j]`` summed over heads."""
+
+    def __init__(self, cfg: PKMConfig, shape: ShapeContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, dv = shape.d_model, cfg._dv(shape)
+        self.retrieval = ProductKeyRetrieval(d, cfg.heads, cfg.n_keys, cfg.key_dim, cfg.topk, cfg.k or cfg.topk, cfg.query_norm, cfg.impl)
+        self.values = nn.Parameter(torch.empty(cfg.n_keys**2, dv))
+        self.out_proj = nn.Linear(dv, d, bias=False) if dv != d else None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.retrieval.init_weights(self.cfg.init_std)
+        nn.init.normal_(self.values, std=self.values.shape[1] ** -0.5)  # Lample: N(0, 1/D_v)
+        if self.out_proj is not None:
+            nn.init.normal_(self.out_proj.weight, std=self.cfg.init_std)
+
+    def param_group_hints(self) -> list[ParamGroupHint]:
+        return [ParamGroupHint("pkm_values", [self.values], weight_decay=0.0, lr=self.cfg.value_lr, constant_lr=True)]
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scores, addr = self.retrieval(flat)  # [T, H, m]
+        w = scores.float().softmax(-1) if self.cfg.softmax else scores
+        t = flat.shape[0]
+        out = lookup_reduce(self.values, addr.view(t, -1), w.view(t, -1).to(self.values.dtype), impl=self.cfg.impl)[:, 0]
+        if self.out_proj is not None:
+            out = self.out_proj(out.to(x.dtype))
+        if self.track_metrics:
+            self.add_metric("score_mean", scores.float().mean())
+            self.add_metric("coverage_batch", addr.unique().numel() / self.values.shape[0])
+        return out.to(x.dtype).view(shape)
+
+
