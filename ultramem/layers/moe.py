@@ -9,6 +9,7 @@ loop over experts (never over tokens).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ class MoEConfig(LayerConfig):
     def flops_per_token(self, shape: ShapeContext) -> int:
         return 2 * self.active_params(shape)
 
-    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> "MoE":
+    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> MoE:
         return MoE(self, shape)
 
 
@@ -117,6 +118,7 @@ class MoE(SparseLayer):
         self.w_up = nn.Parameter(torch.empty(e, d, h))
         self.w_gate = nn.Parameter(torch.empty(e, d, h)) if cfg.activation == "swiglu" else None
         self.w_down = nn.Parameter(torch.empty(e, h, d))
+        self._grouped_failed = False
         self.shared_experts = None
         if cfg.n_shared:
             from ultramem.layers.mlp import MLPConfig  # noqa: PLC0415
@@ -140,24 +142,39 @@ class MoE(SparseLayer):
             raise RuntimeError("moe.impl='grouped_mm' needs CUDA, bf16 and torch._grouped_mm")
         return ok and self.cfg.impl != "loop"
 
-    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Apply each expert to its contiguous segment of ``xs [T*k, D]``."""
-        act = self.cfg.activation
-        w_up, w_gate, w_down = self.w_up, self.w_gate, self.w_down
-        if self._use_grouped(xs):
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            mm = lambda a, w: torch._grouped_mm(a, w.to(a.dtype), offs=offs)  # noqa: E731
-            h = mm(xs, w_up)
-            h = F.silu(mm(xs, w_gate)) * h if act == "swiglu" else F.gelu(h)
-            return mm(h, w_down)
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts in one ``torch._grouped_mm`` launch per projection."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return torch._grouped_mm(a, w.to(a.dtype), offs=offs)
+
+        h = mm(xs, self.w_up)
+        h = F.silu(mm(xs, self.w_gate)) * h if self.w_gate is not None else F.gelu(h)
+        return mm(h, self.w_down)
+
+    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One matmul per expert over its contiguous segment (a loop over experts, not tokens)."""
         outs = []
         for e, seg in enumerate(xs.split(counts.tolist())):
             if seg.shape[0] == 0:
                 continue
-            h = seg @ w_up[e].to(seg.dtype)
-            h = F.silu(seg @ w_gate[e].to(seg.dtype)) * h if act == "swiglu" else F.gelu(h)
-            outs.append(h @ w_down[e].to(seg.dtype))
+            h = seg @ self.w_up[e].to(seg.dtype)
+            h = F.silu(seg @ self.w_gate[e].to(seg.dtype)) * h if self.w_gate is not None else F.gelu(h)
+            outs.append(h @ self.w_down[e].to(seg.dtype))
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Apply each expert to its contiguous segment of ``xs [T*k, D]`` (sorted by expert)."""
+        if self._use_grouped(xs) and not self._grouped_failed:
+            try:
+                return self._grouped(xs, counts)
+            except RuntimeError as err:  # shapes/strides this torch build's kernel rejects
+                if self.cfg.impl == "grouped_mm":
+                    raise
+                warnings.warn(f"MoE: torch._grouped_mm failed ({err}); using the per-expert loop", stacklevel=2)
+                self._grouped_failed = True
+        return self._loop(xs, counts)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         shape = x.shape
