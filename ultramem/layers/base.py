@@ -30,8 +30,8 @@ query convolution's rolling window, SPEC §3.11). ``None`` means a full-sequence
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -63,7 +63,7 @@ class MemoryPlusConfig(LayerConfig):
     def build_shared(self, shape: ShapeContext) -> nn.Module:
         return SharedValues(self.n_keys**2, self._dv(shape))
 
-    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> "MemoryPlus":
+    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> MemoryPlus:
         if shared is None:
             raise ValueError("memory_plus layers need the model's shared value table")
         return MemoryPlus(self, shape, shared)

@@ -43,7 +43,7 @@ class MLPConfig(LayerConfig):
     def flops_per_token(self, shape: ShapeContext) -> int:
         return 2 * self.num_params(shape)
 
-    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> "MLP":
+    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> MLP:
         return MLP(self, shape)
 
 

@@ -74,7 +74,7 @@ class PKMConfig(LayerConfig):
         macs = retrieval_macs(shape.d_model, self.heads, self.n_keys, self.key_dim)
         return 2 * (macs + self.heads * self.topk * self._dv(shape) + self._proj(shape))
 
-    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> "PKM":
+    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> PKM:
         return PKM(self, shape)
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ultramem.config import ModelConfig
     from ultramem.layers.base import SparseLayer
 
-_REGISTRY: dict[str, type["LayerConfig"]] = {}
+_REGISTRY: dict[str, type[LayerConfig]] = {}
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ShapeContext:
     ffn_gated: bool = False  # host FFN is SwiGLU
 
     @classmethod
-    def for_model(cls, m: "ModelConfig", n_mem_layers: int = 0, **kw: Any) -> "ShapeContext":
+    def for_model(cls, m: ModelConfig, n_mem_layers: int = 0, **kw: Any) -> ShapeContext:
         return cls(
             d_model=m.d_model,
             n_layers=m.n_layers,
@@ -61,10 +61,10 @@ class LayerConfig:
     allows_overlapping_spans: ClassVar[bool] = False
 
     # ---- building -------------------------------------------------------------------------
-    def build(self, shape: ShapeContext, shared: "nn.Module | None" = None) -> "SparseLayer":
+    def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> SparseLayer:
         raise NotImplementedError
 
-    def build_shared(self, shape: ShapeContext) -> "nn.Module | None":
+    def build_shared(self, shape: ShapeContext) -> nn.Module | None:
         """Parameters shared by all layers of this config (a value pool), built once per model."""
         return None
 

@@ -91,7 +91,7 @@ class Transformer(nn.Module):
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: ModelConfig, device: str | torch.device = "cpu") -> "Transformer":
+    def build(cls, cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
         """Build on the meta device, materialise on ``device``, then initialise every weight."""
         with torch.device("meta"):
             model = cls(cfg)

@@ -8,8 +8,8 @@ Each preset records the published figures it must match (``published``) so tests
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ultramem.config import Config, ConfigError
 
