@@ -46,3 +46,13 @@ def test_meta_build_does_not_allocate_large_presets():
     with torch.device("meta"):
         model = Transformer(get_preset_info("moe-151m-2in32").make().model)
     assert model.num_params() == count(model.cfg).params
+
+
+def test_replace_ffn_drops_the_mlp_and_accounting_follows():
+    from ultramem.config import load_config
+
+    cfg = load_config("tiny-pkm", overrides=["model.memory.replace_ffn=true"])
+    model = Transformer.build(cfg.model)
+    assert model.blocks[1].ffn is None and model.blocks[0].ffn is not None
+    assert model.num_params() == count(cfg.model).params
+    assert count(cfg.model).params < count(load_config("tiny-pkm").model).params
