@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="preset name (see --list)")
     p.add_argument("--list", action="store_true", help="list presets")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--table", action="store_true", help="markdown table of every preset vs published figures")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=512")
     p.set_defaults(func=run)
 
@@ -30,7 +31,32 @@ def _fmt(n: float) -> str:
     return str(int(n))
 
 
+def _rel(value: float, ref: float | None) -> str:
+    return "" if ref is None else f"{100 * (value / ref - 1):+.1f} %"
+
+
+def preset_table() -> str:
+    """Markdown: every preset's computed sizes beside the published ones (SPEC §6)."""
+    head = ("| preset | params | active | GFLOPs/token | published params | Δ | published GFLOPs | Δ | note |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for name in preset_names():
+        info = get_preset_info(name)
+        model, pub = info.make().model, info.published
+        c, emb = count(model), embedding_params(model)
+        params = c.params + (emb if pub.embedding_in_params else 0)
+        rows.append(
+            f"| `{name}` | {_fmt(c.params)} | {_fmt(c.active_params)} | {c.flops_per_token / 1e9:.4f} | "
+            f"{_fmt(pub.params) if pub.params else ''} | {_rel(params, pub.params)} | "
+            f"{pub.gflops if pub.gflops else ''} | {_rel(c.flops_per_token / 1e9, pub.gflops)} | {pub.convention} |"
+        )
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.table:
+        print(preset_table())
+        return 0
     if args.list or not args.preset:
         names = preset_names()
         if args.json:
