@@ -1,0 +1,101 @@
+"""Pieces shared by the UltraMem and UltraMemV2 configs and modules: validation of the
+retrieval fields, the value-LR multiplier schedule (SPEC §3.10) and the coverage metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ultramem.layers.registry import ShapeContext
+from ultramem.layers.tdqkr import KEY_NORMS, QUERY_NORMS
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def value_lr_multiplier(mult: float, decay_frac: float) -> Callable[[int, int], float]:
+    """``M(t) = 1 + (M - 1) * max(0, 1 - t / T_d)`` with ``T_d = decay_frac * total`` (SPEC §3.10),
+    applied on top of the normal warmup + cosine schedule."""
+
+    def fn(step: int, total_steps: int) -> float:
+        t_d = max(decay_frac * total_steps, 1e-12)
+        return 1.0 + (mult - 1.0) * max(0.0, 1.0 - step / t_d)
+
+    return fn
+
+
+def check_common(cfg: Any, shape: ShapeContext, where: str, n: int, k: int) -> None:
+    """Checks shared by ``ultramem`` and ``ultramem_v2`` configs (``n`` keys per side, ``k``
+    phase-1 candidates); raises ConfigError."""
+    from ultramem.config import ConfigError  # noqa: PLC0415
+
+    for name in ("knum", "key_dim", "heads", "topk", "expansion", "cores"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{where}.{name}={getattr(cfg, name)} must be a positive integer")
+    if k > n:
+        raise ConfigError(f"{where}.k={k} exceeds the {n} keys per side; allowed: k <= {n}")
+    if cfg.topk > k * k:
+        raise ConfigError(
+            f"{where}.topk={cfg.topk} exceeds k^2={k * k} phase-1 candidates (k={k}); "
+            f"allowed: topk <= k^2 (raise {where}.k or lower {where}.topk)"
+        )
+    if cfg.tucker_rank < 0:
+        raise ConfigError(f"{where}.tucker_rank={cfg.tucker_rank}; allowed: 0 (off) or a positive rank")
+    if cfg.cores > 1 and cfg.tucker_rank == 0:
+        raise ConfigError(
+            f"{where}.cores={cfg.cores} needs Tucker scoring ({where}.tucker_rank >= 1); "
+            "multi-core scoring splits the Tucker core"
+        )
+    dv = cfg.dv(shape)
+    if dv % cfg.cores:
+        raise ConfigError(
+            f"{where}.value_dim={dv} is not divisible by {where}.cores={cfg.cores}; "
+            "multi-core scoring splits each value into h_c equal slices"
+        )
+    if cfg.share_query and cfg.heads % 2:
+        raise ConfigError(f"{where}.share_query=true needs an even {where}.heads, got {cfg.heads}")
+    if cfg.query_norm not in QUERY_NORMS:
+        raise ConfigError(f"{where}.query_norm={cfg.query_norm!r}; allowed: {', '.join(QUERY_NORMS)}")
+    if cfg.key_norm not in KEY_NORMS:
+        raise ConfigError(f"{where}.key_norm={cfg.key_norm!r}; allowed: {', '.join(KEY_NORMS)}")
+    if cfg.aux_alpha < 0 or cfg.aux_tau < 0:
+        raise ConfigError(f"{where}.aux_alpha={cfg.aux_alpha}, aux_tau={cfg.aux_tau}; allowed: >= 0")
+    if cfg.query_conv < 0:
+        raise ConfigError(f"{where}.query_conv={cfg.query_conv}; allowed: 0 (off) or a kernel size >= 1")
+    if cfg.value_lr_mult < 1 or not 0 < cfg.value_lr_decay_frac <= 1:
+        raise ConfigError(
+            f"{where}.value_lr_mult={cfg.value_lr_mult}, value_lr_decay_frac={cfg.value_lr_decay_frac}; "
+            "allowed: mult >= 1 and 0 < decay_frac <= 1"
+        )
+    if cfg.impl not in IMPLS:
+        raise ConfigError(f"{where}.impl={cfg.impl!r}; allowed: {', '.join(IMPLS)}")
+    if cfg.calib_samples <= 0:
+        raise ConfigError(f"{where}.calib_samples={cfg.calib_samples} must be a positive integer")
+
+
+class CoverageTracker(nn.Module):
+    """Fraction of value rows hit at least once within a window of ``window`` forwards.
+
+    ``hits`` is a non-persistent buffer (not saved; cleared by :meth:`reset`)."""
+
+    def __init__(self, rows: int, window: int) -> None:
+        super().__init__()
+        self.window = max(window, 1)
+        self.register_buffer("hits", torch.empty(rows, dtype=torch.bool), persistent=False)
+        self.calls = 0
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.hits.zero_()
+        self.calls = 0
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor) -> float:
+        """Mark ``rows`` (any shape, ints in ``[0, rows)``); return the window's coverage so far."""
+        if self.calls >= self.window:
+            self.reset()
+        self.hits[rows.reshape(-1)] = True
+        self.calls += 1
+        return self.hits.float().mean().item()

@@ -1,0 +1,275 @@
+"""Retrieval pieces shared by UltraMem (SPEC §3) and UltraMemV2 (SPEC §4).
+
+- :class:`RetrievalSpec` -- sizes of the query/key side and its parameter and MAC counts
+  (accounting without weights).
+- :class:`CausalQueryConv` -- causal depthwise 1-D conv over the sequence before the query
+  projection, with a rolling decode state (SPEC §3.11).
+- :class:`TuckerCores` -- the ``h_c`` Tucker cores ``[h_c, r, r]``, their rank-1 approximation
+  ``u, v`` refreshed once per optimiser step with sign stability, and the singular-value aux
+  loss (SPEC §3.7, §3.8).
+- :class:`MemoryRetrieval` -- ``x [T, D] -> (scores [T, H, m, h_c], addr [T, H, m])``: query
+  projection (heads may share queries in pairs, SPEC §3.3), query/key norm (SPEC §3.5),
+  per-head keys with ``r`` sub-keys each, then the ``product_key_topk`` (plain sum scores, SPEC
+  §2) or ``tucker_topk`` (SPEC §3.7) op. Only the ops in :mod:`ultramem.ops.retrieval` select.
+- :func:`calibrate_gains` -- Appendix-A init: set the query/key norm gains so that the mean
+  selected score is 1, measured by running the retrieval once on a sample of ``N(0, I)`` inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ultramem.ops.retrieval import product_key_topk, tucker_topk
+
+QUERY_NORMS = ("none", "batchnorm", "layernorm", "rmsnorm")
+KEY_NORMS = ("none", "layernorm", "rmsnorm")
+
+
+@dataclass(frozen=True)
+class RetrievalSpec:
+    """Sizes of one layer's retrieval. ``tucker_rank = 0`` means plain product-key sum scores."""
+
+    d_model: int
+    heads: int  # H
+    share_query: bool  # heads share queries in pairs (head i uses query i // 2)
+    key_dim: int  # K per side
+    n_keys: int  # N keys per side
+    tucker_rank: int  # r (0: product-key sum scoring)
+    per_rank_query: bool  # a separate K-dim query per rank
+    cores: int  # h_c
+    query_norm: str
+    key_norm: str
+    topk: int  # m per head
+    k: int  # phase-1 candidates per side
+    query_conv: int  # causal conv kernel (0: off)
+
+    @property
+    def n_queries(self) -> int:
+        return self.heads // 2 if self.share_query else self.heads
+
+    @property
+    def sub_keys(self) -> int:
+        return max(self.tucker_rank, 1)
+
+    @property
+    def query_ranks(self) -> int:
+        return self.tucker_rank if self.per_rank_query and self.tucker_rank > 0 else 1
+
+    @property
+    def query_out(self) -> int:
+        return self.n_queries * 2 * self.query_ranks * self.key_dim
+
+    def params(self) -> int:
+        kd = self.key_dim
+        qn = {"none": 0, "batchnorm": 2 * self.query_out, "layernorm": 2 * kd, "rmsnorm": kd}[self.query_norm]
+        kn = {"none": 0, "layernorm": 2 * kd, "rmsnorm": kd}[self.key_norm]
+        keys = self.heads * 2 * self.n_keys * self.sub_keys * kd
+        cores = self.cores * self.tucker_rank**2 if self.tucker_rank else 0
+        conv = self.d_model * self.query_conv
+        return conv + self.d_model * self.query_out + qn + keys + kn + cores
+
+    def macs(self) -> int:
+        """Per token: conv, query projection, key scores, phase-1 rank-1 mix and Tucker grid."""
+        h, n, r, k = self.heads, self.n_keys, self.tucker_rank, self.k
+        macs = self.d_model * self.query_conv + self.d_model * self.query_out
+        macs += h * 2 * n * self.sub_keys * self.key_dim
+        if r:
+            macs += h * 2 * n * r  # S u, S v
+            macs += h * k * k * self.cores * (r * r + r)  # exact bilinear rescoring of k x k
+        return macs
+
+
+class CausalQueryConv(nn.Module):
+    """Depthwise causal conv ``[B, S, D] -> [B, S, D]`` (SPEC §3.11); token t sees only <= t.
+
+    Initialised to the identity (weight 1 on the current token), so switching it on does not
+    change the layer at init. Decoding: ``state["conv"]`` keeps the last ``kernel - 1`` inputs.
+    """
+
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()
+        self.weight[:, 0, -1] = 1.0
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        xt = x.transpose(1, 2)  # [B, D, S]
+        pad = self.kernel - 1
+        if state is None:
+            xin = F.pad(xt, (pad, 0))
+        else:
+            prev = state.get("conv")
+            if prev is None:
+                prev = xt.new_zeros(xt.shape[0], xt.shape[1], pad)
+            xin = torch.cat([prev.to(xt.dtype), xt], dim=-1)
+            state["conv"] = xin[..., xin.shape[-1] - pad :].detach()
+        y = F.conv1d(xin, self.weight.to(x.dtype), groups=xt.shape[1])
+        return y.transpose(1, 2)
+
+
+class TuckerCores(nn.Module):
+    """``cores [h_c, r, r]``; buffers ``u, v [r]`` = leading singular vectors of ``cores.sum(0)``.
+
+    ``u, v`` carry no gradient and change only in :meth:`refresh` (once per optimiser step);
+    their sign is chosen closest to the previous one so phase-1 selection does not flip.
+    """
+
+    def __init__(self, cores: int, rank: int) -> None:
+        super().__init__()
+        self.cores = nn.Parameter(torch.empty(cores, rank, rank))
+        self.register_buffer("u", torch.empty(rank))
+        self.register_buffer("v", torch.empty(rank))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random init (paper): a shared N(0, 1/r) base plus a small per-core part, so the cores
+        start similar and each core's score is about 1/h_c of the selection score."""
+        h_c, r, _ = self.cores.shape
+        base = torch.randn(r, r) / math.sqrt(r)
+        noise = 0.1 * torch.randn(h_c, r, r) / math.sqrt(r)
+        self.cores.copy_((base + noise) / h_c)
+        self.u.zero_()
+        self.v.zero_()
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute ``u, v`` from the summed core (r x r SVD), keeping the previous sign."""
+        c = self.cores.detach().float().sum(0)
+        uu, _, vh = torch.linalg.svd(c)
+        u, v = uu[:, 0], vh[0]
+        prev = torch.dot(self.u.float(), u) + torch.dot(self.v.float(), v)
+        if prev < 0 or (prev == 0 and u[u.abs().argmax()] < 0):
+            u, v = -u, -v
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def singular_values(self) -> torch.Tensor:
+        """Singular values of the summed core, descending (differentiable)."""
+        return torch.linalg.svdvals(self.cores.float().sum(0))
+
+    def aux_loss(self, alpha: float, tau: float) -> torch.Tensor:
+        """``alpha * mean_{i>=2} relu(sigma_i - tau)^2`` (SPEC §3.7)."""
+        s = self.singular_values()
+        return alpha * F.relu(s[1:] - tau).pow(2).mean()
+
+
+def _norm(kind: str, dim: int) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim)
+    return nn.Identity()
+
+
+class MemoryRetrieval(nn.Module):
+    """``x [T, D] -> (scores [T, H, m, h_c], addr [T, H, m])``, addr in ``[0, N^2)``."""
+
+    def __init__(self, spec: RetrievalSpec, impl: str = "auto") -> None:
+        super().__init__()
+        self.spec, self.impl = spec, impl
+        self.query_proj = nn.Linear(spec.d_model, spec.query_out, bias=False)
+        self.query_norm = nn.BatchNorm1d(spec.query_out) if spec.query_norm == "batchnorm" else _norm(spec.query_norm, spec.key_dim)
+        self.key_norm = _norm(spec.key_norm, spec.key_dim)
+        # [H, row/col, N, r, K]: per-head keys, each with r sub-keys (SPEC §3.7)
+        self.keys = nn.Parameter(torch.empty(spec.heads, 2, spec.n_keys, spec.sub_keys, spec.key_dim))
+        self.tucker = TuckerCores(spec.cores, spec.tucker_rank) if spec.tucker_rank else None
+        head_map = torch.arange(spec.heads) // (2 if spec.share_query else 1)
+        self.register_buffer("head_map", head_map, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.query_proj.weight, std=std)
+        bound = 1.0 / math.sqrt(self.spec.key_dim)  # Lample et al. key init
+        nn.init.uniform_(self.keys, -bound, bound)
+        for norm in (self.query_norm, self.key_norm):
+            if hasattr(norm, "reset_parameters"):
+                norm.reset_parameters()
+        if isinstance(self.query_norm, nn.BatchNorm1d):
+            self.query_norm.reset_running_stats()
+        if self.tucker is not None:
+            self.tucker.reset_parameters()
+        self.head_map.copy_(torch.arange(self.spec.heads) // (2 if self.spec.share_query else 1))
+
+    def per_rank_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, D] -> S [T, H, 2, N, r]`` (r = 1 without TDQKR): row and column scores."""
+        s, t = self.spec, x.shape[0]
+        q = self.query_proj(x)
+        if isinstance(self.query_norm, nn.BatchNorm1d):
+            q = self.query_norm(q)
+        q = q.view(t, s.n_queries, 2, s.query_ranks, s.key_dim)
+        if not isinstance(self.query_norm, nn.BatchNorm1d):
+            q = self.query_norm(q)
+        q = q.index_select(1, self.head_map)  # [T, H, 2, rq, K]
+        keys = self.key_norm(self.keys).to(q.dtype)  # [H, 2, N, r, K]
+        if s.query_ranks == 1:
+            return torch.einsum("thsk,hsnrk->thsnr", q[:, :, :, 0], keys)
+        return torch.einsum("thsrk,hsnrk->thsnr", q, keys)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        scores_nr = self.per_rank_scores(x)
+        s_row, s_col = scores_nr[:, :, 0], scores_nr[:, :, 1]  # [T, H, N, r]
+        if self.tucker is None:
+            scores, addr = product_key_topk(s_row[..., 0], s_col[..., 0], s.k, s.topk, impl=self.impl)
+            return scores.unsqueeze(-1), addr
+        t = self.tucker
+        cores = t.cores.to(s_row.dtype)
+        return tucker_topk(s_row, s_col, cores, t.u.to(s_row.dtype), t.v.to(s_row.dtype), s.k, s.topk, impl=self.impl)
+
+    def gains(self) -> list[torch.Tensor]:
+        """The norm weights Appendix A calibrates (query first)."""
+        out = []
+        for norm in (self.query_norm, self.key_norm):
+            w = getattr(norm, "weight", None)
+            if w is not None:
+                out.append(w)
+        return out
+
+
+@torch.no_grad()
+def calibrate_gains(retrieval: MemoryRetrieval, samples: int, softmax: bool = False) -> tuple[float, float]:
+    """Appendix A: scale the query/key norm gains so the mean selected score is 1.
+
+    The paper estimates the mean of the top-m of n standard normals by sampling; the grid
+    scores here are sums (or bilinear forms) of row and column scores, not independent, so we
+    sample the retrieval itself: ``samples`` tokens ``x ~ N(0, I)`` (global RNG, so the init is
+    deterministic per seed). Selection is invariant to a positive rescaling, so one pass fixes
+    the scale exactly for the sample. Scores are ``∝ (g_q g_k)`` for sum scoring and
+    ``∝ (g_q g_k)^2`` for Tucker scoring. Returns ``(mean, var / mean^2)`` of the selected
+    per-core scores before rescaling (the second is ``sigma_s^2`` of SPEC §4.5).
+    """
+    gains = retrieval.gains()
+    if not gains:
+        return 1.0, 0.0
+    was_training = retrieval.training
+    retrieval.eval()  # BatchNorm: use (fresh) running stats, do not update them
+    x = torch.randn(samples, retrieval.spec.d_model, device=retrieval.keys.device, dtype=retrieval.keys.dtype)
+    scores, _ = retrieval(x)
+    retrieval.train(was_training)
+    scores = scores.float()
+    mu = scores.mean().item()
+    rel_var = (scores.var() / scores.mean() ** 2).item() if scores.numel() > 1 else 0.0
+    if softmax or mu <= 0:
+        return mu, rel_var
+    power = 2 if retrieval.tucker is not None else 1  # score ~ (g_q g_k)^power
+    factor = mu ** (-1.0 / (power * len(gains)))
+    for w in gains:
+        w.mul_(factor)
+    return mu, rel_var
+
+
+def topm_gaussian_mean(n: int, m: int, samples: int = 64, seed: int = 0) -> float:
+    """Mean of the top-m of n standard normals, by sampling (the paper's Appendix-A estimate;
+    reported as a metric of how far the product-key grid is from independent scores)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, n, generator=g).topk(min(m, n), dim=-1).values.mean().item()
