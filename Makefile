@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,triton]"
 	touch $(STAMP)
 
+# Trains tiny-ultramem and tiny-dense on the bundled corpus on CPU (offline), prints a comparison.
 demo: $(STAMP)
-	$(BIN)/ultramem info --list
-	$(BIN)/ultramem info --preset tiny-ultramem
+	$(BIN)/ultramem demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

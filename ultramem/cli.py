@@ -12,6 +12,12 @@ import sys
 
 COMMANDS = (
     "ultramem.info",
+    "ultramem.data.cli",
+    "ultramem.train.cli",
+    "ultramem.train.plot",
+    "ultramem.eval.cli",
+    "ultramem.inference.generate",
+    "ultramem.train.demo",
 )
 
 

@@ -99,33 +99,51 @@ class DataConfig:
     """Where training tokens come from (see :mod:`ultramem.data`)."""
 
     path: str = "data/default"  # a prepared dataset directory (``ultramem data prepare``)
-    seq_len: int = 256
-    val_fraction: float = 0.01
+    seq_len: int = 256  # tokens per training window (<= model.max_seq_len)
+    val_fraction: float = 0.01  # default of ``ultramem data prepare --val-fraction`` (hash split)
+
+    def validate(self) -> None:
+        _positive(self, "seq_len")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction}; allowed: 0 <= val_fraction < 1")
 
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule and loop (see :mod:`ultramem.train`)."""
+    """Optimiser, schedule and loop (see :mod:`ultramem.train`; SPEC §6 recipe)."""
 
-    max_steps: int = 200
-    batch_size: int = 16
-    grad_accum: int = 1
+    max_steps: int = 200  # optimiser steps
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1
-    warmup_frac: float = 0.01
+    min_lr_ratio: float = 0.1  # cosine ends at min_lr_ratio * lr
+    warmup_frac: float = 0.01  # linear warmup over this fraction of max_steps (>= 1 step)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 20
-    ckpt_every: int = 100
-    keep_last: int = 2
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    seed: int = 0  # model init and data order
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "bf16" | "fp32"
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # multi-process (torchrun): "ddp" | "fsdp" (FSDP2 fully_shard)
+    log_every: int = 10  # progress-bar refresh and per-layer memory metrics
+    eval_every: int = 100  # validation every N steps (0 = only at the end)
+    eval_batches: int = 20  # validation batches per evaluation
+    ckpt_every: int = 100  # checkpoint every N steps (0 = only at the end / on a signal)
+    keep_last: int = 2  # checkpoints kept
+    checkpoint: bool = True  # False: never save (throughput benchmarks)
+    tensorboard: bool = False  # also log to RUN/tb (needs tensorboard installed)
+    peak_tflops: float = 0.0  # MFU denominator override (0 = known GPU table; none on CPU)
+
+    def validate(self) -> None:
+        _positive(self, "max_steps", "batch_size", "grad_accum")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.dtype={self.dtype!r}; allowed: 'auto', 'bf16', 'fp32'")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel={self.parallel!r}; allowed: 'ddp', 'fsdp'")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_frac in [0, 1)")
 
 
 @dataclass
@@ -136,6 +154,8 @@ class Config:
 
     def validate(self) -> Config:
         self.model.validate()
+        self.train.validate()
+        self.data.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Process groups and model wrapping: one code path for one device and for ``torchrun``.
+
+The model knows nothing about distribution (torchtitan habit): :func:`init` reads the
+``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), and :func:`wrap` returns
+the model to train -- the model itself on one process, DDP across processes, or FSDP2
+(``fully_shard`` per block and per memory layer, then the root) when ``train.parallel=fsdp``.
+Checkpoints hold full (unsharded) tensors either way (:mod:`ultramem.train.checkpoint`).
+
+    torchrun --nproc_per_node 2 -m ultramem.cli train --preset tiny-dense --out runs/x
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def wrap(model: nn.Module, d: Dist, parallel: str = "ddp") -> nn.Module:
+    """The module to call in the training loop (the unwrapped model stays the one to save)."""
+    if not d.enabled:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
+
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+        # The host model calls a block's parts (norms, attention, ffn) directly, not
+        # ``Block.forward``, so each block's parts are sharded as one group (their hooks
+        # unshard the group when the first part runs); memory layers are called directly too.
+        for block in model.blocks:
+            parts = [m for m in (block.input_layernorm, block.attn, block.post_attention_layernorm, block.ffn)
+                     if m is not None]
+            fully_shard(parts)
+        for layer in model.memory:
+            fully_shard(layer)
+        fully_shard(model)  # the rest: embeddings, final norm, shared memory pools
+        return model
+    raise ValueError(f"train.parallel={parallel!r}; allowed: 'ddp', 'fsdp'")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimiser state dicts; a collective when sharded
+    (every rank must call it)."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimiser state dict (as :func:`full_state_dicts` wrote it)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # noqa: PLC0415
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= d.world
+    return x
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

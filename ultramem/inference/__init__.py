@@ -1,0 +1,1 @@
+"""Inference: loading a trained run (:mod:`.load`) and sampling with the KV cache (:mod:`.generate`)."""

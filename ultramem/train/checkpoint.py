@@ -1,0 +1,214 @@
+"""Atomic, verified checkpoints.
+
+Layout: ``RUN/checkpoints/step_0000100/`` holding
+
+- ``model.safetensors``: the full (unsharded) weights; a tensor reachable under several names
+  is stored once, the other names listed in the file's metadata (``aliases``);
+- ``optimizer.pt``: the optimiser state dict;
+- ``state.pt``: step, data position, tokens seen, RNG states (torch CPU/CUDA, Python);
+- ``config.json``: the resolved config;
+- ``manifest.json`` (written last): size and sha256 of each file above.
+
+Atomicity: everything is written into ``.tmp-step_0000100-<pid>/``, each file fsynced, the
+directory renamed to its final name (``rename`` is atomic on POSIX) and the parent fsynced.
+A crash mid-save leaves only a ``.tmp-*`` directory, which :func:`list_checkpoints` ignores
+and the next save removes. :func:`load_checkpoint` refuses a checkpoint whose manifest is
+missing or whose files do not match it (truncated or corrupt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "optimizer.pt", "state.pt", "config.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or corrupt."""
+
+
+def ckpt_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Completed checkpoints (with a manifest), oldest first."""
+    root = ckpt_dir(run_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_files(tmp: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],
+                 state: dict[str, Any], config: dict[str, Any]) -> None:
+    """The payload files (the step a crash test interrupts)."""
+    save_weights(model_state, tmp / "model.safetensors")
+    torch.save(optim_state, tmp / "optimizer.pt")
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in sd.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.contiguous().cpu()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, name in aliases.items():
+        sd[alias] = sd[name]
+    return sd
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                    optim_state: dict[str, Any], state: dict[str, Any],
+                    config: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically (full state dicts, see
+    :func:`ultramem.distributed.full_state_dicts`); keep the newest ``keep_last``."""
+    root = ckpt_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    _write_files(tmp, model_state, optim_state, {**state, "rng": rng_state()}, config)
+    manifest = {"step": step, "files": {}}
+    for name in FILES:
+        _fsync_file(tmp / name)
+        manifest["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. a signal right after a periodic save)
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The manifest, after checking every file's size and sha256; CheckpointError otherwise."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (interrupted save?)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}/{MANIFEST}: corrupt ({e.msg})") from None
+    for name, meta in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in the manifest)")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['bytes']} (truncated?)")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupt)")
+    if set(manifest.get("files", {})) != set(FILES):
+        raise CheckpointError(f"{path}/{MANIFEST}: lists {sorted(manifest.get('files', {}))}, expected {FILES}")
+    return manifest
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Verify, then read (weights, optimiser state, trainer state with rng)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    weights = load_weights(path / "model.safetensors")
+    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    return weights, optim, torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not fit the model (missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}); was the config changed?")
+
+
+def load_checkpoint(path: str | Path, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Verify, then load weights (and optimiser state) into an unsharded model; returns the
+    trainer state (with rng)."""
+    weights, optim, state = read_checkpoint(path)
+    load_model_weights(model, weights, path)
+    if optimizer is not None:
+        optimizer.load_state_dict(optim)
+    return state
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())
