@@ -208,8 +208,12 @@ def ring_rows(local: torch.Tensor, layer: int, rows: int, pool_rows: int, window
 
     forward: the window opens at the layer's own table, ``(local + l P) mod P_all``;
     centred: it is centred on the own table, shifted back by ``(P' - P) // 2``."""
-    start = layer * rows - ((window - rows) // 2 if ring == "centred" else 0)
-    return (local + start) % pool_rows
+    return (local + ring_start(layer, rows, window, ring)) % pool_rows
+
+
+def ring_start(layer: int, rows: int, window: int, ring: str) -> int:
+    """First pool row (before the modulo) of layer ``layer``'s window."""
+    return layer * rows - ((window - rows) // 2 if ring == "centred" else 0)
 
 
 class UltraMemV2(SparseLayer):
@@ -227,6 +231,9 @@ class UltraMemV2(SparseLayer):
         self.coverage = CoverageTracker(self.window, cfg.metrics_window)
         self.__dict__["pool"] = pool  # not a submodule: the model owns the pool (counted once)
         self.init_stats: dict[str, float] = {}
+        # The window's start as a tensor, not a Python int: torch.compile would otherwise
+        # specialise (and recompile) the forward once per layer.
+        self.register_buffer("ring_offset", torch.empty((), dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -238,6 +245,7 @@ class UltraMemV2(SparseLayer):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=std)
         self.coverage.reset()
+        self.ring_offset.fill_(ring_start(self.mem_index, self.rows, self.window, cfg.ring))
         if cfg.init == "principled":
             mu, rel_var = calibrate_gains(self.retrieval, cfg.calib_samples)
             self.pool.score_rel_vars[self.mem_index] = rel_var
@@ -254,7 +262,7 @@ class UltraMemV2(SparseLayer):
     def pool_rows_for(self, addr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logical ``addr`` -> ``(local [0, P'), pool row [0, P_all))``."""
         local = addr % self.window
-        return local, ring_rows(local, self.mem_index, self.rows, self.pool_rows, self.window, self.cfg.ring)
+        return local, (local + self.ring_offset) % self.pool_rows
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         cfg, shape = self.cfg, x.shape
