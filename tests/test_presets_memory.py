@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from ultramem.accounting import count, embedding_params
+from ultramem.accounting import count
 from ultramem.layers.ultramem import UltraMemConfig
 from ultramem.model.transformer import Transformer
 from ultramem.presets import get_preset, get_preset_info, preset_names
@@ -25,19 +25,15 @@ def test_presets_exist():
 
 
 @pytest.mark.parametrize("name", MEMORY_PRESETS)
-def test_memory_preset_sizes_match_published(name):
-    info = get_preset_info(name)
-    pub, model = info.published, info.make().model
-    c, emb = count(model), embedding_params(model)
-    params = c.params + (emb if pub.embedding_in_params else 0)
-    assert abs(params / pub.params - 1) <= pub.params_tolerance, (name, params)
-    if name.endswith("-x12"):  # UltraMem Table 6: 2 % params, 5 % GFLOPs, SPEC §1 convention
-        assert pub.params_tolerance == 0.02 and not pub.embedding_in_params
-        assert abs(c.flops_per_token / 1e9 / pub.gflops - 1) <= 0.05
-    else:  # V2 Table 10: within 5 % under the convention the preset states
-        assert pub.convention and pub.params_tolerance == 0.05
-        active = c.active_params + (emb if pub.embedding_in_active else 0)
-        assert abs(active / pub.active_params - 1) <= 0.05, (name, active)
+def test_memory_preset_tolerances_are_the_issue_s(name):
+    """The figures themselves are checked for every preset by tests/test_presets.py; here: the
+    v1 rows use SPEC §1's convention at 2 % / 5 %, the V2 rows state theirs at 5 %."""
+    pub = get_preset_info(name).published
+    if name.endswith("-x12"):
+        assert pub.params_tolerance == 0.02 and pub.gflops_tolerance == 0.05 and not pub.embedding_in_params
+        assert pub.gflops is not None
+    else:
+        assert pub.convention and pub.params_tolerance == 0.05 and pub.active_params is not None
 
 
 def test_v1_presets_use_the_paper_settings():
