@@ -1,23 +1,64 @@
 """Retrieval op: dispatch between the PyTorch reference and fused kernels.
 
 Layers call only these functions. ``impl``: ``"auto"`` (a fused kernel where one exists for the
-device and inputs, else the reference), ``"torch"`` (always the reference), ``"triton"``.
+device and inputs, else the reference), ``"torch"`` (always the reference), ``"triton"`` (the
+kernel where it can run; without Triton or a GPU it too falls back to the reference).
+
+The kernels return indices and scores; when autograd is recording and an input needs a
+gradient, the selected scores are recomputed in PyTorch from the kernel's addresses (a gather
+and a tiny einsum), so gradients reach ``s_row``, ``s_col`` and ``cores`` exactly as through
+the reference.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ultramem.ops.retrieval import reference
 
-__all__ = ["product_key_topk", "tucker_topk"]
+__all__ = ["product_key_topk", "tucker_topk", "triton_available"]
+
+try:  # Triton is optional
+    from ultramem.ops.retrieval import triton as _kernels
+except Exception:  # noqa: BLE001 -- missing triton or a broken install both mean "no kernels"
+    _kernels = None
+
+
+def triton_available(*tensors: torch.Tensor) -> bool:
+    """True when the kernels can run on these tensors (CUDA, or CPU under the interpreter)."""
+    if _kernels is None:
+        return False
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return all(x.is_cuda or (interp and x.device.type == "cpu") for x in tensors)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+def _gather(s: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``s [..., N, r]``, ``i [..., m]`` -> ``[..., m, r]``."""
+    return s.gather(-2, i.unsqueeze(-1).expand(*i.shape, s.shape[-1]))
 
 
 def product_key_topk(
     s_row: torch.Tensor, s_col: torch.Tensor, k: int, m: int, impl: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`ultramem.ops.retrieval.reference.product_key_topk`."""
-    return reference.product_key_topk(s_row, s_col, k, m)
+    n = s_row.shape[-1]
+    if (impl == "torch" or not triton_available(s_row, s_col)
+            or not _kernels.supported(n, k, m)):
+        return reference.product_key_topk(s_row, s_col, k, m)
+    lead = s_row.shape[:-1]
+    scores, addr = _kernels.topk(s_row.detach().reshape(-1, n).contiguous(),
+                                 s_col.detach().reshape(-1, n).contiguous(), None, None, None,
+                                 k, m, sum_mode=True)
+    addr = addr.view(*lead, m)
+    if _needs_grad(s_row, s_col):
+        scores = s_row.gather(-1, addr // n) + s_col.gather(-1, addr % n)
+    return scores.view(*lead, m), addr
 
 
 def tucker_topk(
@@ -31,4 +72,18 @@ def tucker_topk(
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`ultramem.ops.retrieval.reference.tucker_topk`."""
-    return reference.tucker_topk(s_row, s_col, cores, u, v, k, m)
+    n, r = s_row.shape[-2:]
+    if (impl == "torch" or not triton_available(s_row, s_col, cores)
+            or not _kernels.supported(n, k, m)):
+        return reference.tucker_topk(s_row, s_col, cores, u, v, k, m)
+    lead = s_row.shape[:-2]
+    h_c = cores.shape[0]
+    scores, addr = _kernels.topk(
+        s_row.detach().reshape(-1, n, r).contiguous(), s_col.detach().reshape(-1, n, r).contiguous(),
+        cores.detach().contiguous(), u.detach().contiguous(), v.detach().contiguous(), k, m,
+        sum_mode=False)  # any float dtype: the kernels load and compute in fp32
+    addr = addr.view(*lead, m)
+    if _needs_grad(s_row, s_col, cores):
+        rows, cols = _gather(s_row, addr // n), _gather(s_col, addr % n)  # [..., m, r]
+        scores = torch.einsum("...mr,crs,...ms->...mc", rows, cores.to(rows.dtype), cols)
+    return scores.view(*lead, m, h_c), addr
