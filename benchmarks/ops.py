@@ -27,6 +27,9 @@ ARGS.add_argument("--out", default="docs/results")
 ARGS.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the interpreter")
 ARGS.add_argument("--skip-module", action="store_true", help="do not time the UltraMem module")
 ARGS.add_argument("--only", default="", help="comma-separated section-name substrings to run")
+ARGS.add_argument("--variants", action="store_true",
+                  help="also time the split phase-1 configurations in the layer decode section")
+ARGS.add_argument("--layer-batches", default="", help="comma-separated decode batches (layer)")
 ARGS.add_argument("--replot", default="", help="redraw the PNG of this JSON (no GPU needed)")
 OPTS = ARGS.parse_args()
 if OPTS.smoke:
@@ -168,6 +171,30 @@ def bench_lookup(name, t, n, p, d, hc, e, dp=0, act="identity", dist="uniform", 
 
 
 # ---- retrieval -----------------------------------------------------------------------------
+# phase-1 configurations timed at decode: (P1_CHUNK, P1_CHUNK_WARPS, GRID_CHUNK_SPLIT,
+# GRID_WARPS, GRID_CHUNK_FEW, P1_SPLIT_MAX_ROWS). P1_CHUNK 0: the one-program-per-row phase 1
+# (with GRID_CHUNK_FEW 4096 the path before this change; 512, the default, splits only the grid
+# kernel); P1_CHUNK > 0: the split phase 1 with its merge in the grid kernel. The first run
+# (docs/kernels.md) also timed chunks 128 / 512, 2 warps, grid chunks 256 / 2048 and 8 grid warps.
+SPLIT_VARIANTS = [(0, 1, 512, 0, 4096, 1 << 30), (0, 1, 512, 0, 512, 1 << 30),
+                  (256, 1, 512, 0, 4096, 1 << 30), (512, 2, 512, 0, 4096, 1 << 30)]
+RT_KNOBS = ("P1_CHUNK", "P1_CHUNK_WARPS", "GRID_CHUNK_SPLIT", "GRID_WARPS", "GRID_CHUNK_FEW",
+            "P1_SPLIT_MAX_ROWS")
+
+
+def split_variants(fn, record_as) -> None:
+    """Time ``fn`` under each split-phase-1 configuration, restoring the defaults after."""
+    saved = [getattr(rtk, n) for n in RT_KNOBS]
+    for cfg in SPLIT_VARIANTS:
+        for name, val in zip(RT_KNOBS, cfg):
+            setattr(rtk, name, val)
+        label = (f"p1 one program/row, grid {cfg[4]}" if cfg[0] == 0
+                 else "split {},{}w grid {},{}w".format(*cfg))
+        record_as(f"triton[{label}]", fn)
+    for name, val in zip(RT_KNOBS, saved):
+        setattr(rtk, name, val)
+
+
 def bench_retrieval(rows_b, heads, n, r, hc, k, m, graph) -> None:
     s_row = torch.randn(rows_b, heads, n, r, device=DEV, dtype=BF16)
     s_col = torch.randn(rows_b, heads, n, r, device=DEV, dtype=BF16)
@@ -179,12 +206,20 @@ def bench_retrieval(rows_b, heads, n, r, hc, k, m, graph) -> None:
     variants = [("torch", None), ("triton", rtk.PHASE1_KERNEL_MAX_ROWS)]
     if rows_b * heads > 256:  # which phase 1 wins for many rows
         variants = [("torch", None), ("triton-p1kernel", 1 << 30), ("triton-p1torch", 0)]
+    p1_chunk = rtk.P1_CHUNK
+    rtk.P1_CHUNK = 0  # the one-program-per-row phase 1
     for warps in (2, 4, 8):  # phase-1 kernel width variants
         rtk.PHASE1_WARPS = warps
         with torch.no_grad():
             ms = timeit(lambda: tucker_topk(s_row, s_col, cores, u, v, k, m, impl="triton"), graph)
         record("tucker_topk", f"triton[p1 warps {warps}]", "fwd", shape, ms, nbytes)
     rtk.PHASE1_WARPS = 0
+    rtk.P1_CHUNK = p1_chunk
+    if rows_b * heads <= 256:
+        def rec(label, f):
+            with torch.no_grad():
+                record("tucker_topk", label, "fwd", shape, timeit(f, graph), nbytes)
+        split_variants(lambda: tucker_topk(s_row, s_col, cores, u, v, k, m, impl="triton"), rec)
     for impl, p1 in variants:
         old = rtk.PHASE1_KERNEL_MAX_ROWS
         if p1 is not None:
@@ -244,6 +279,11 @@ def bench_layer_decode(batches) -> None:
             with torch.no_grad():
                 ms = timeit(lambda impl=impl, x=x: layer(x, impl), graph=b <= 64)
             record("layer_decode", impl, "fwd", shape, ms, nbytes)
+        if b <= 64 and OPTS.variants:
+            def rec(label, f, shape=shape, nbytes=nbytes):
+                with torch.no_grad():
+                    record("layer_decode", label, "fwd", shape, timeit(f, graph=True), nbytes)
+            split_variants(lambda x=x: layer(x, "triton"), rec)
 
 
 def bench_train_step() -> None:
@@ -391,7 +431,9 @@ def main() -> None:
     dvar = () if SMOKE else ("128,32,8", "32,64,8", "16,128,4", "4,256,2", "2,256,1")
     var = ("16,64,4",) if SMOKE else ("8,128,2", "4,256,2", "2,256,1", "1,256,1", "1,512,2", "2,256,2", "1,128,1")
     sections = [
-        ("layer decode", bench_layer_decode, [1, 4, 16, 64] + ([] if SMOKE else [4096])),
+        ("layer decode", bench_layer_decode,
+         [int(b) for b in OPTS.layer_batches.split(",")] if OPTS.layer_batches
+         else [1, 4, 16, 64] + ([] if SMOKE else [4096])),
         ("tucker_topk decode", lambda: [bench_retrieval(b, 2, 100 if SMOKE else 3584, 2, 2, 42, 42, True) for b in (1, 8, 64)]),
         ("lookup decode", lambda: [bench_lookup("decode1.6b", b, 84, mb if SMOKE else 1792**2, 128 if SMOKE else 1024, 2, 4, bwd=False, graph=True, variants=dvar) for b in (1, 64)]),
         ("lookup pkm-256", lambda: [bench_lookup("pkm256", 64 if SMOKE else 4096, 32, mb, 64 if SMOKE else 256, 1, 1, dist=dd, ebag=True, variants=var if dd == "uniform" else ()) for dd in ("uniform", "skewed")]),

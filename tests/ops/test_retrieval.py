@@ -16,7 +16,7 @@ from ultramem.ops.retrieval import product_key_topk, reference, tucker_topk
 
 pytestmark = pytest.mark.usefixtures("interpret")
 
-# (lead shape, N, r, h_c, k, m): non-powers of two, k*k over one grid chunk (k=70 -> 2 chunks)
+# (lead shape, N, r, h_c, k, m): non-powers of two, k*k over one grid chunk (k=70 -> several)
 TUCKER = [
     ((1,), 5, 1, 1, 3, 4),
     ((2, 3), 37, 2, 2, 9, 11),
@@ -101,6 +101,7 @@ def test_falls_back_without_kernels(monkeypatch):
 def test_phase1_by_torch_topk(case, monkeypatch):
     """Many rows: phase 1 by torch.topk feeding the grid / final kernels, same selection."""
     monkeypatch.setattr(rt._kernels, "PHASE1_KERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr(rt._kernels, "P1_CHUNK", 0)
     lead, n, r, h_c, k, m = case
     g = torch.Generator().manual_seed(3)
     s_row, s_col = torch.randn(*lead, n, r, generator=g), torch.randn(*lead, n, r, generator=g)
@@ -111,4 +112,40 @@ def test_phase1_by_torch_topk(case, monkeypatch):
     _check_selection(s_ref, a_ref, s_k, a_k, s_ref.sum(-1), s_k.sum(-1))
     p_ref, pa_ref = reference.product_key_topk(s_row[..., 0], s_col[..., 0], k, m)
     p_k, pa_k = product_key_topk(s_row[..., 0], s_col[..., 0], k, m, impl="triton")
+    _check_selection(p_ref, pa_ref, p_k, pa_k, p_ref, p_k)
+
+
+# (lead, N, r, h_c, k, m, P1_CHUNK, GRID_CHUNK_SPLIT): chunks short at the end, k = chunk,
+# one and several grid splits, N not a multiple of the chunk
+SPLIT = [
+    ((2, 3), 37, 2, 2, 9, 11, 16, 64),
+    ((3,), 100, 2, 1, 16, 20, 16, 128),
+    ((2,), 300, 3, 2, 40, 42, 64, 512),
+    ((1, 2), 130, 2, 2, 32, 84, 32, 256),
+    ((4,), 200, 2, 3, 8, 64, 32, 64),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT, ids=lambda c: "x".join(map(str, c[1:])))
+@pytest.mark.parametrize("path", ["split", "one_program", "one_program_grid4096"])
+def test_split_phase1(case, path, monkeypatch):
+    """Phase 1 split over chunks (stage A) merged in the grid kernel (stage B), and the
+    one-program-per-row kernel with a split grid (the default for few rows) and with one grid
+    program per row (many rows): same selection and scores as the reference."""
+    lead, n, r, h_c, k, m, p1_chunk, gchunk = case
+    monkeypatch.setattr(rt._kernels, "P1_CHUNK", p1_chunk if path == "split" else 0)
+    monkeypatch.setattr(rt._kernels, "GRID_CHUNK_SPLIT", gchunk)
+    monkeypatch.setattr(rt._kernels, "GRID_CHUNK_FEW", gchunk)
+    if path == "one_program_grid4096":
+        monkeypatch.setattr(rt._kernels, "GRID_FEW_MAX_ROWS", 0)
+    g = torch.Generator().manual_seed(n * 3 + k)
+    s_row, s_col = torch.randn(*lead, n, r, generator=g), torch.randn(*lead, n, r, generator=g)
+    cores = torch.randn(h_c, r, r, generator=g)
+    u, v = _uv(cores)
+    s_ref, a_ref = reference.tucker_topk(s_row, s_col, cores, u, v, k, m)
+    with torch.no_grad():
+        s_k, a_k = tucker_topk(s_row, s_col, cores, u, v, k, m, impl="triton")
+    _check_selection(s_ref, a_ref, s_k, a_k, s_ref.sum(-1), s_k.sum(-1))
+    p_ref, pa_ref = reference.product_key_topk(s_row[..., 0], s_col[..., 0], k, min(m, k * k))
+    p_k, pa_k = product_key_topk(s_row[..., 0], s_col[..., 0], k, min(m, k * k), impl="triton")
     _check_selection(p_ref, pa_ref, p_k, pa_k, p_ref, p_k)
