@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ultramem.ops._dispatch import kernels_can_run
 from ultramem.ops.lookup_reduce import reference
 
 __all__ = ["lookup_reduce", "triton_available"]
@@ -27,10 +28,7 @@ except Exception:  # noqa: BLE001 -- missing triton or a broken install both mea
 
 def triton_available(*tensors: torch.Tensor) -> bool:
     """True when the kernels can run on these tensors (CUDA, or CPU under the interpreter)."""
-    if _kernels is None:
-        return False
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return all(x.is_cuda or (interp and x.device.type == "cpu") for x in tensors)
+    return kernels_can_run(_kernels, *tensors)
 
 
 class LookupReduce(torch.autograd.Function):
