@@ -12,7 +12,6 @@ the reference.
 
 from __future__ import annotations
 
-
 import torch
 
 from ultramem.ops._dispatch import kernels_can_run
