@@ -175,3 +175,16 @@ def test_value_std_formula_matches_paper_when_ffn_variance_is_papers():
     paper = (0.2 * k_inner * d / (32 * 1 * 1.3 * 192 * 192 * n_layers)) ** 0.25
     assert cfg.value_std(shape, 0.3) == pytest.approx(paper, rel=1e-6)
     assert math.isclose(cfg.linear_std(shape), 0.02282177322938192, rel_tol=1e-9)
+
+
+def test_pre_value_query_reads_the_block_input_not_the_query_conv():
+    """SPEC §4.2: a_j = phi(<W_pre x, U[rho_j]>); the query conv feeds only the retrieval."""
+    _, _, layers = build_all(n_mem=2, query_conv=3, seed=5)
+    layer = layers[0]
+    with torch.no_grad():  # the conv starts as the identity; make it mix tokens
+        layer.query_conv.weight.normal_()
+    seen = {}
+    layer.pre_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("in", a[0]))
+    x = torch.randn(2, 7, layer.pre_proj.in_features)
+    layer(x)
+    assert torch.equal(seen["in"], x.reshape(-1, x.shape[-1]))

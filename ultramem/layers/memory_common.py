@@ -1,5 +1,6 @@
 """Pieces shared by the UltraMem and UltraMemV2 configs and modules: validation of the
-retrieval fields, the value-LR multiplier schedule (SPEC §3.10) and the coverage metric."""
+retrieval fields, the value-LR multiplier schedule (SPEC §3.10), the coverage metric and the
+layers' common front half (:class:`RetrievalLayer`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,41 @@ from typing import Any
 import torch
 from torch import nn
 
+from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import ShapeContext
 from ultramem.layers.tdqkr import KEY_NORMS, QUERY_NORMS
 
 IMPLS = ("auto", "torch", "triton")
+
+
+class RetrievalLayer(SparseLayer):
+    """Base of UltraMem and UltraMemV2: the optional causal query conv (SPEC §3.11) feeding the
+    retrieval, and the Tucker singular-value aux loss (SPEC §3.7). Subclasses set
+    ``self.query_conv`` (or None), ``self.retrieval`` and ``self.cfg`` (``aux_alpha``, ``aux_tau``)."""
+
+    def retrieve(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, S, D]`` -> ``(scores [T, H, m, h_c], addr [T, H, m])``."""
+        h = self.query_conv(x, state) if self.query_conv is not None else x
+        return self.retrieval(h.reshape(-1, x.shape[-1]))
+
+    def add_tucker_aux(self) -> None:
+        tucker, cfg = self.retrieval.tucker, self.cfg
+        if tucker is not None and cfg.aux_alpha > 0 and self.training:
+            self.add_aux_loss("tucker_aux", tucker.aux_loss(cfg.aux_alpha, cfg.aux_tau))
+
+    @torch.no_grad()
+    def add_memory_metrics(self, scores: torch.Tensor, slots: torch.Tensor) -> None:
+        """Selected-score mean/std, coverage of ``slots`` (``self.coverage``), Tucker singular
+        values and aux loss; called only when ``self.track_metrics``."""
+        s = scores.float()
+        self.add_metric("score_mean", s.mean())
+        self.add_metric("score_std", s.std() if s.numel() > 1 else 0.0)
+        self.add_metric("coverage", self.coverage.update(slots))
+        tucker = self.retrieval.tucker
+        if tucker is not None:
+            for i, sv in enumerate(tucker.singular_values().tolist()):
+                self.add_metric(f"tucker_sv{i}", sv)
+            self.add_metric("tucker_aux", tucker.aux_loss(self.cfg.aux_alpha, self.cfg.aux_tau))
 
 
 def value_lr_multiplier(mult: float, decay_frac: float) -> Callable[[int, int], float]:

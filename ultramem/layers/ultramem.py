@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ultramem.layers.base import ParamGroupHint, SparseLayer
-from ultramem.layers.memory_common import CoverageTracker, check_common, value_lr_multiplier
+from ultramem.layers.base import ParamGroupHint
+from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
@@ -121,7 +121,7 @@ class UltraMemConfig(LayerConfig):
         return UltraMem(self, shape)
 
 
-class UltraMem(SparseLayer):
+class UltraMem(RetrievalLayer):
     """``[B, S, D] -> [B, S, D]`` (SPEC §3)."""
 
     def __init__(self, cfg: UltraMemConfig, shape: ShapeContext) -> None:
@@ -196,10 +196,8 @@ class UltraMem(SparseLayer):
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         cfg, shape = self.cfg, x.shape
-        h = self.query_conv(x, state) if self.query_conv is not None else x
-        flat = h.reshape(-1, shape[-1])
-        t = flat.shape[0]
-        scores, addr = self.retrieval(flat)  # [T, H, m, h_c], [T, H, m]
+        scores, addr = self.retrieve(x, state)  # [T, H, m, h_c], [T, H, m]
+        t = scores.shape[0]
         w = self.weights(scores)
         rows, block = self.address(addr.reshape(t, -1))
         pooled = lookup_reduce(
@@ -209,21 +207,7 @@ class UltraMem(SparseLayer):
         out = pooled.reshape(t, -1).to(x.dtype)
         if self.out_proj is not None:
             out = self.out_proj(out)
-        tucker = self.retrieval.tucker
-        if tucker is not None and cfg.aux_alpha > 0 and self.training:
-            self.add_aux_loss("tucker_aux", tucker.aux_loss(cfg.aux_alpha, cfg.aux_tau))
+        self.add_tucker_aux()
         if self.track_metrics:
-            self._metrics_for(scores, rows)
+            self.add_memory_metrics(scores, rows)
         return out.view(shape)
-
-    @torch.no_grad()
-    def _metrics_for(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
-        s = scores.float()
-        self.add_metric("score_mean", s.mean())
-        self.add_metric("score_std", s.std() if s.numel() > 1 else 0.0)
-        self.add_metric("coverage", self.coverage.update(rows))
-        tucker = self.retrieval.tucker
-        if tucker is not None:
-            for i, sv in enumerate(tucker.singular_values().tolist()):
-                self.add_metric(f"tucker_sv{i}", sv)
-            self.add_metric("tucker_aux", tucker.aux_loss(self.cfg.aux_alpha, self.cfg.aux_tau))

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultramem.layers.base import ParamGroupHint, SparseLayer
-from ultramem.layers.memory_common import CoverageTracker, check_common, value_lr_multiplier
+from ultramem.layers.base import ParamGroupHint
+from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
@@ -216,7 +216,7 @@ def ring_start(layer: int, rows: int, window: int, ring: str) -> int:
     return layer * rows - ((window - rows) // 2 if ring == "centred" else 0)
 
 
-class UltraMemV2(SparseLayer):
+class UltraMemV2(RetrievalLayer):
     """``[B, S, D] -> [B, S, D]`` (SPEC §4)."""
 
     def __init__(self, cfg: UltraMemV2Config, shape: ShapeContext, pool: ValuePool) -> None:
@@ -266,29 +266,18 @@ class UltraMemV2(SparseLayer):
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         cfg, shape = self.cfg, x.shape
-        h = self.query_conv(x, state) if self.query_conv is not None else x
-        flat = h.reshape(-1, shape[-1])
-        t = flat.shape[0]
-        scores, addr = self.retrieval(flat)  # [T, H, m, h_c], [T, H, m]
+        scores, addr = self.retrieve(x, state)  # [T, H, m, h_c], [T, H, m]
+        t = scores.shape[0]
         local, rows = self.pool_rows_for(addr.reshape(t, -1))
         pool = self.pool
-        pre_q = self.pre_proj(flat).to(pool.values.dtype) if self.pre_proj is not None else None
+        # §4.2: the pre-value query is W_pre x -- the block input, not the query conv's output.
+        pre_q = self.pre_proj(x.reshape(t, -1)).to(pool.values.dtype) if self.pre_proj is not None else None
         pooled = lookup_reduce(
             pool.values, rows, scores.reshape(t, -1, scores.shape[-1]).to(pool.values.dtype),
             pre_values=pool.pre_values, pre_query=pre_q, activation=cfg.activation, impl=cfg.impl,
         )[:, 0]  # [T, D_v]
         y = self.out_proj(pooled.to(x.dtype))
-        tucker = self.retrieval.tucker
-        if tucker is not None and cfg.aux_alpha > 0 and self.training:
-            self.add_aux_loss("tucker_aux", tucker.aux_loss(cfg.aux_alpha, cfg.aux_tau))
+        self.add_tucker_aux()
         if self.track_metrics:
-            with torch.no_grad():
-                s = scores.float()
-                self.add_metric("score_mean", s.mean())
-                self.add_metric("score_std", s.std() if s.numel() > 1 else 0.0)
-                self.add_metric("coverage", self.coverage.update(local))
-                if tucker is not None:
-                    for i, sv in enumerate(tucker.singular_values().tolist()):
-                        self.add_metric(f"tucker_sv{i}", sv)
-                    self.add_metric("tucker_aux", tucker.aux_loss(cfg.aux_alpha, cfg.aux_tau))
+            self.add_memory_metrics(scores, local)
         return y.view(shape)
