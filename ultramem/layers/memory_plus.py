@@ -13,15 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultramem.layers.base import ParamGroupHint, SparseLayer
-from ultramem.layers.pkm import check_product_keys
-from ultramem.layers.product_keys import ProductKeyRetrieval, retrieval_macs, retrieval_params
-from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.layers.product_keys import (
+    ProductKeyMemoryConfig,
+    ProductKeyRetrieval,
+    retrieval_macs,
+    retrieval_params,
+)
+from ultramem.layers.registry import ShapeContext, register_layer
 from ultramem.ops.lookup_reduce import lookup_reduce
 
 
 @register_layer("memory_plus", role="memory")
 @dataclass
-class MemoryPlusConfig(LayerConfig):
+class MemoryPlusConfig(ProductKeyMemoryConfig):
     placement: str = "6:6"
     replace_ffn: bool = False
     n_keys: int = 512  # N keys per side: N^2 shared values
@@ -34,12 +38,6 @@ class MemoryPlusConfig(LayerConfig):
     value_lr: float = 1e-3
     init_std: float = 0.02
     impl: str = "auto"
-
-    def validate(self, shape: ShapeContext, where: str) -> None:
-        check_product_keys(self, where)
-
-    def _dv(self, shape: ShapeContext) -> int:
-        return self.value_dim or shape.d_model
 
     def _dense(self, shape: ShapeContext) -> int:
         """Per-layer retrieval + gate W_s [D_v, D] + output W_o [D, D_v]."""

@@ -11,33 +11,19 @@ import torch
 from torch import nn
 
 from ultramem.layers.base import ParamGroupHint, SparseLayer
-from ultramem.layers.product_keys import QUERY_NORMS, ProductKeyRetrieval, retrieval_macs, retrieval_params
-from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.layers.product_keys import (
+    ProductKeyMemoryConfig,
+    ProductKeyRetrieval,
+    retrieval_macs,
+    retrieval_params,
+)
+from ultramem.layers.registry import ShapeContext, register_layer
 from ultramem.ops.lookup_reduce import lookup_reduce
-
-
-def check_product_keys(cfg: LayerConfig, where: str) -> None:
-    """Shared validation of product-key fields (n_keys, key_dim, heads, topk, k, query_norm)."""
-    from ultramem.config import ConfigError  # noqa: PLC0415
-
-    for name in ("n_keys", "key_dim", "heads", "topk"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{where}.{name}={getattr(cfg, name)} must be a positive integer")
-    k = cfg.k or cfg.topk
-    if k > cfg.n_keys:
-        raise ConfigError(f"{where}.k={k} exceeds {where}.n_keys={cfg.n_keys}; allowed: k <= n_keys")
-    if cfg.topk > k * k:
-        raise ConfigError(
-            f"{where}.topk={cfg.topk} exceeds k^2={k * k} candidates (k={k}); raise {where}.k "
-            f"or lower {where}.topk"
-        )
-    if cfg.query_norm not in QUERY_NORMS:
-        raise ConfigError(f"{where}.query_norm={cfg.query_norm!r}; allowed: {', '.join(QUERY_NORMS)}")
 
 
 @register_layer("pkm", role="memory")
 @dataclass
-class PKMConfig(LayerConfig):
+class PKMConfig(ProductKeyMemoryConfig):
     placement: str = "6:6"
     replace_ffn: bool = False  # True: the memory replaces its block's MLP (original PKM)
     n_keys: int = 512  # N keys per side (the paper's Knum): N^2 values
@@ -51,12 +37,6 @@ class PKMConfig(LayerConfig):
     value_lr: float = 1e-3  # constant value LR (Lample)
     init_std: float = 0.02
     impl: str = "auto"
-
-    def validate(self, shape: ShapeContext, where: str) -> None:
-        check_product_keys(self, where)
-
-    def _dv(self, shape: ShapeContext) -> int:
-        return self.value_dim or shape.d_model
 
     def _proj(self, shape: ShapeContext) -> int:
         dv = self._dv(shape)

@@ -13,9 +13,40 @@ import math
 import torch
 from torch import nn
 
+from ultramem.layers.registry import LayerConfig, ShapeContext
 from ultramem.ops.retrieval import product_key_topk
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
+
+
+def check_product_keys(cfg: LayerConfig, where: str) -> None:
+    """Shared validation of product-key fields (n_keys, key_dim, heads, topk, k, query_norm)."""
+    from ultramem.config import ConfigError  # noqa: PLC0415
+
+    for name in ("n_keys", "key_dim", "heads", "topk"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{where}.{name}={getattr(cfg, name)} must be a positive integer")
+    k = cfg.k or cfg.topk
+    if k > cfg.n_keys:
+        raise ConfigError(f"{where}.k={k} exceeds {where}.n_keys={cfg.n_keys}; allowed: k <= n_keys")
+    if cfg.topk > k * k:
+        raise ConfigError(
+            f"{where}.topk={cfg.topk} exceeds k^2={k * k} candidates (k={k}); raise {where}.k "
+            f"or lower {where}.topk"
+        )
+    if cfg.query_norm not in QUERY_NORMS:
+        raise ConfigError(f"{where}.query_norm={cfg.query_norm!r}; allowed: {', '.join(QUERY_NORMS)}")
+
+
+class ProductKeyMemoryConfig(LayerConfig):
+    """Methods shared by the PKM and Memory+ configs (fields: n_keys, key_dim, heads, topk, k,
+    query_norm, value_dim)."""
+
+    def validate(self, shape: ShapeContext, where: str) -> None:
+        check_product_keys(self, where)
+
+    def _dv(self, shape: ShapeContext) -> int:
+        return self.value_dim or shape.d_model
 
 
 def retrieval_params(d_model: int, heads: int, n_keys: int, key_dim: int, query_norm: str) -> int:
