@@ -15,6 +15,7 @@ CPU smoke run of every code path (tiny shapes, Triton interpreter, no JSON):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import ultramem.ops.lookup_reduce as lr  # noqa: E402
 import ultramem.ops.lookup_reduce.triton as lrk  # noqa: E402
 import ultramem.ops.retrieval.triton as rtk  # noqa: E402
 from ultramem.ops.lookup_reduce import lookup_reduce  # noqa: E402
-from ultramem.ops.retrieval import tucker_topk  # noqa: E402
+from ultramem.ops.retrieval import ive_address, tucker_topk  # noqa: E402
 
 SMOKE = OPTS.smoke
 DEV = "cpu" if SMOKE else "cuda"
@@ -215,6 +216,9 @@ def bench_retrieval(rows_b, heads, n, r, hc, k, m, graph) -> None:
         record("tucker_topk", f"triton[p1 warps {warps}]", "fwd", shape, ms, nbytes)
     rtk.PHASE1_WARPS = 0
     rtk.P1_CHUNK = p1_chunk
+    with knob(rtk, "SELECT_BOUND", False), torch.no_grad():  # the 32-pass select, same run
+        ms = timeit(lambda: tucker_topk(s_row, s_col, cores, u, v, k, m, impl="triton"), graph)
+    record("tucker_topk", "triton[radix32]", "fwd", shape, ms, nbytes)
     if rows_b * heads <= 256:
         def rec(label, f):
             with torch.no_grad():
@@ -246,23 +250,39 @@ class ComposedLayer:
         cores = torch.randn(hc, r, r, device=DEV)
         uu, _, vh = torch.linalg.svd(cores.sum(0))
         self.cores, self.u, self.v = cores.to(BF16), uu[:, 0].to(BF16), vh[0].to(BF16)
-        self.perm = torch.randperm(self.n * self.n, device=DEV)
+        self.perm = torch.randperm(self.n * self.n, device=DEV).to(torch.int32)  # as the layer
         self.values = torch.randn(self.p, dv, **kw) * 0.02
         self.wo = torch.randn(d, e * dv, **kw) * (e * dv) ** -0.5
         self.params = [self.wq, self.lnw, self.lnb, self.keys, self.cores, self.values, self.wo]
         for x in self.params:
             x.requires_grad_(grad)
 
-    def __call__(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+    STAGES = ("query proj", "query norm", "key scores", "tucker_topk", "ive_address",
+              "lookup_reduce", "out proj")
+
+    def __call__(self, x: torch.Tensor, impl: str, stop: int = 99) -> torch.Tensor:
+        """The layer; ``stop`` = number of :data:`STAGES` to run (timing prefixes)."""
         b = x.shape[0]
-        q = F.layer_norm(F.linear(x, self.wq).view(b, 2, self.kd), (self.kd,), self.lnw, self.lnb)
+        q = F.linear(x, self.wq).view(b, 2, self.kd)
+        if stop < 2:
+            return q
+        q = F.layer_norm(q, (self.kd,), self.lnw, self.lnb)
+        if stop < 3:
+            return q
         s = torch.bmm(q.transpose(0, 1), self.keys.transpose(1, 2))  # [2, B, H*N*r]
+        if stop < 4:
+            return s
         s_row, s_col = s[0].view(b, self.h, self.n, self.r), s[1].view(b, self.h, self.n, self.r)
         scores, addr = tucker_topk(s_row, s_col, self.cores, self.u, self.v, self.k, self.m, impl=impl)
-        pi = self.perm[addr.view(b, -1)]
-        rows, blk = pi % self.p, torch.div(pi, self.p, rounding_mode="floor")
+        if stop < 5:
+            return scores
+        rows, blk = ive_address(addr.view(b, -1), self.perm, self.p, impl=impl)
+        if stop < 6:
+            return rows
         pooled = lookup_reduce(self.values, rows, scores.reshape(b, -1, self.hc), blk, self.e,
                                impl=impl)
+        if stop < 7:
+            return pooled
         return F.linear(pooled.view(b, -1), self.wo)
 
 
@@ -279,6 +299,17 @@ def bench_layer_decode(batches) -> None:
             with torch.no_grad():
                 ms = timeit(lambda impl=impl, x=x: layer(x, impl), graph=b <= 64)
             record("layer_decode", impl, "fwd", shape, ms, nbytes)
+        with knob(rtk, "SELECT_BOUND", False), torch.no_grad():
+            ms = timeit(lambda x=x: layer(x, "triton"), graph=b <= 64)
+        record("layer_decode", "triton[radix32]", "fwd", shape, ms, nbytes)
+        if b <= 64:  # where the time goes: CUDA-graph time of each prefix of the stages
+            for impl in ("torch", "triton"):
+                for stop in range(1, len(ComposedLayer.STAGES) + 1):
+                    with torch.no_grad():
+                        ms = timeit(lambda x=x, impl=impl, stop=stop: layer(x, impl, stop), graph=True)
+                    record("layer_decode_prefix", impl, "fwd",
+                           {**shape, "stages": stop, "last": ComposedLayer.STAGES[stop - 1]}, ms,
+                           nbytes)
         if b <= 64 and OPTS.variants:
             def rec(label, f, shape=shape, nbytes=nbytes):
                 with torch.no_grad():
@@ -295,15 +326,17 @@ def bench_train_step() -> None:
     gy = torch.randn(t, layer.wq.shape[1], device=DEV, dtype=BF16)
     shape = {"layer": "ultramem-151m-x12", "T": t, "P": layer.p, "N": layer.n, "m": layer.m}
     nbytes = t * layer.h * layer.m * layer.values.shape[1] * 2 * 3 + layer.values.numel() * 2
-    for impl, method in (("torch", None), ("triton", "sort"), ("triton", "atomic")):
+    for impl, method, bound in (("torch", None, True), ("triton", "sort", True),
+                                ("triton", "atomic", True), ("triton", "sort", False)):
         lr.DV_METHOD = method or "sort"
 
         def step(impl=impl, layer=layer):
             layer(x, impl).backward(gy)
 
-        ms = timeit(step, grad_to_none=layer.params + [x])
-        record("layer_train_step", impl + (f"-{method}" if method else ""), "fwd+bwd", shape, ms,
-               nbytes)
+        with knob(rtk, "SELECT_BOUND", bound):
+            ms = timeit(step, grad_to_none=layer.params + [x])
+        label = impl + (f"-{method}" if method else "") + ("" if bound else "[radix32]")
+        record("layer_train_step", label, "fwd+bwd", shape, ms, nbytes)
     lr.DV_METHOD = "sort"
 
 
@@ -377,6 +410,17 @@ def warm_up(seconds: float) -> None:
         for _ in range(20):
             a @ a
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def knob(module, name, value):
+    """Set ``module.name = value`` for the block (a kernel switch), then restore it."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 def section(name, fn, *a) -> None:

@@ -286,3 +286,30 @@ def test_all_switches_off_equals_pkm_layer():
     assert mine.cfg.num_params(shape) == PKMConfig(n_keys=8, key_dim=16, heads=2, topk=4).num_params(shape)
     (hint,) = mine.param_group_hints()
     assert hint.lr == 1e-3 and hint.constant_lr
+
+
+def test_normed_keys_cached_at_inference_and_refreshed_on_change():
+    """Eval + no_grad reuses the normalised key table; an update of the keys or the key norm's
+    gain, or a mode switch, recomputes it; training never caches."""
+    layer = build().eval()
+    ret = layer.retrieval
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        first = layer(x)
+        k1 = ret.normed_keys(torch.float32)
+        assert ret.normed_keys(torch.float32) is k1  # cached
+        torch.testing.assert_close(k1, ret.key_norm(ret.keys))
+        ret.keys.mul_(1.5)  # in-place update: a new version
+        k2 = ret.normed_keys(torch.float32)
+        assert k2 is not k1
+        torch.testing.assert_close(k2, ret.key_norm(ret.keys))
+        ret.key_norm.weight.add_(0.25)
+        torch.testing.assert_close(ret.normed_keys(torch.float32), ret.key_norm(ret.keys))
+        assert not torch.equal(layer(x), first)
+        ret.keys.data.mul_(2.0)  # bypasses the version counter; a mode switch drops the cache
+        layer.train().eval()
+        torch.testing.assert_close(ret.normed_keys(torch.float32), ret.key_norm(ret.keys))
+    layer.train()
+    with torch.no_grad():
+        ret.normed_keys(torch.float32)
+    assert ret._key_cache is None

@@ -149,3 +149,62 @@ def test_split_phase1(case, path, monkeypatch):
     p_ref, pa_ref = reference.product_key_topk(s_row[..., 0], s_col[..., 0], k, min(m, k * k))
     p_k, pa_k = product_key_topk(s_row[..., 0], s_col[..., 0], k, min(m, k * k), impl="triton")
     _check_selection(p_ref, pa_ref, p_k, pa_k, p_ref, p_k)
+
+
+def _stable_topk_oracle(p_row, p_col, exact, k, m):
+    """Phase 1 by a stable descending sort (ties to the lower key id, as the kernels break
+    them), then the top-m exact grid scores as a sorted list (a tie-invariant multiset)."""
+    ia = torch.sort(p_row, dim=-1, descending=True, stable=True).indices[..., :k]
+    ib = torch.sort(p_col, dim=-1, descending=True, stable=True).indices[..., :k]
+    grid = exact(ia, ib)  # [..., k, k]
+    return grid.flatten(-2).sort(-1, descending=True).values[..., :m]
+
+
+@pytest.mark.parametrize("bound", [True, False], ids=["bound", "radix32"])
+@pytest.mark.parametrize("lead,n,k,m", [((3,), 40, 7, 9), ((2,), 300, 42, 42), ((1,), 64, 64, 100)])
+def test_selection_with_heavy_ties(lead, n, k, m, bound, monkeypatch):
+    """Scores from a handful of values: every selection ties at its threshold, so neither the
+    lower bound's prefix nor the early exit can finish early and the tie path decides. The
+    selected scores must equal a stable-sort oracle's, addresses must be distinct and in
+    range, and each returned per-core score must be the exact score of its address."""
+    monkeypatch.setattr(rt._kernels, "SELECT_BOUND", bound)
+    g = torch.Generator().manual_seed(n + k + m)
+    s_row = torch.randint(-1, 2, (*lead, n, 2), generator=g).float()
+    s_col = torch.randint(-1, 2, (*lead, n, 2), generator=g).float()
+    cores = torch.randint(-2, 3, (2, 2, 2), generator=g).float()
+    u, v = torch.tensor([1.0, 0.5]), torch.tensor([0.5, 1.0])
+    with torch.no_grad():
+        s_k, a_k = tucker_topk(s_row, s_col, cores, u, v, k, m, impl="triton")
+
+    def exact(ia, ib):
+        ra = s_row.gather(-2, ia.unsqueeze(-1).expand(*ia.shape, 2))
+        cb = s_col.gather(-2, ib.unsqueeze(-1).expand(*ib.shape, 2))
+        return torch.einsum("...ar,crs,...bs->...ab", ra, cores, cb)
+
+    want = _stable_topk_oracle(s_row @ u, s_col @ v, exact, k, m)
+    torch.testing.assert_close(s_k.sum(-1).sort(-1, descending=True).values, want)
+    assert (a_k >= 0).all() and (a_k < n * n).all()
+    assert (a_k.sort(-1).values.diff(dim=-1) > 0).all()  # distinct addresses
+    ra = s_row.gather(-2, (a_k // n).unsqueeze(-1).expand(*a_k.shape, 2))
+    cb = s_col.gather(-2, (a_k % n).unsqueeze(-1).expand(*a_k.shape, 2))
+    torch.testing.assert_close(s_k, torch.einsum("...mr,crs,...ms->...mc", ra, cores, cb))
+    # product keys (sum mode) on the same tie-heavy scores
+    p_k, pa_k = product_key_topk(s_row[..., 0], s_col[..., 0], k, m, impl="triton")
+    want_pk = _stable_topk_oracle(s_row[..., 0], s_col[..., 0],
+                                  lambda ia, ib: s_row[..., 0].gather(-1, ia)[..., :, None]
+                                  + s_col[..., 0].gather(-1, ib)[..., None, :], k, m)
+    torch.testing.assert_close(p_k.sort(-1, descending=True).values, want_pk)
+    assert (pa_k.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("n_sq,num_rows,shape", [(36, 9, (1, 5)), (144, 36, (3, 2, 7)), (10000, 2500, (4, 300))])
+def test_ive_address_matches_reference(n_sq, num_rows, shape):
+    g = torch.Generator().manual_seed(n_sq)
+    perm = torch.randperm(n_sq, generator=g).to(torch.int32)
+    addr = torch.randint(0, n_sq, shape, generator=g)
+    addr[..., 0] = addr[..., -1]  # duplicates
+    rows, blk = rt.ive_address(addr, perm, num_rows, impl="triton")
+    ref_rows, ref_blk = reference.ive_address(addr, perm, num_rows)
+    assert rows.dtype == blk.dtype == torch.int64 and rows.shape == addr.shape
+    assert torch.equal(rows, ref_rows) and torch.equal(blk, ref_blk)
+    assert torch.equal(blk * num_rows + rows, perm[addr].long())

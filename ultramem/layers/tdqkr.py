@@ -185,6 +185,7 @@ class MemoryRetrieval(nn.Module):
         self.tucker = TuckerCores(spec.cores, spec.tucker_rank) if spec.tucker_rank else None
         head_map = torch.arange(spec.heads) // (2 if spec.share_query else 1)
         self.register_buffer("head_map", head_map, persistent=False)
+        self._key_cache: tuple[tuple, torch.Tensor] | None = None  # see normed_keys
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
@@ -210,10 +211,29 @@ class MemoryRetrieval(nn.Module):
         if not isinstance(self.query_norm, nn.BatchNorm1d):
             q = self.query_norm(q)
         q = q.index_select(1, self.head_map)  # [T, H, 2, rq, K]
-        keys = self.key_norm(self.keys).to(q.dtype)  # [H, 2, N, r, K]
+        keys = self.normed_keys(q.dtype)  # [H, 2, N, r, K]
         if s.query_ranks == 1:
             return torch.einsum("thsk,hsnrk->thsnr", q[:, :, :, 0], keys)
         return torch.einsum("thsrk,hsnrk->thsnr", q, keys)
+
+    def train(self, mode: bool = True) -> MemoryRetrieval:
+        self._key_cache = None
+        return super().train(mode)
+
+    def normed_keys(self, dtype: torch.dtype) -> torch.Tensor:
+        """``key_norm(keys)`` in ``dtype`` (SPEC §3.5). In eval mode with no gradient recorded
+        (decoding, evaluation) the result is cached until the keys or the norm's weights change
+        (their version counters and storage are the cache key; ``train()`` / ``eval()`` also
+        drop it, so even a write through ``.data`` is seen after a mode switch): normalising the whole key table costs a
+        read and a write of it on every call, more than the scores themselves at decode batch
+        sizes. The cache holds one extra copy of the key table."""
+        if self.training or torch.is_grad_enabled():
+            self._key_cache = None
+            return self.key_norm(self.keys).to(dtype)
+        stamp = (dtype, *((p._version, p.data_ptr()) for p in (self.keys, *self.key_norm.parameters())))
+        if self._key_cache is None or self._key_cache[0] != stamp:
+            self._key_cache = (stamp, self.key_norm(self.keys).to(dtype))
+        return self._key_cache[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec

@@ -27,6 +27,7 @@ from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
+from ultramem.ops.retrieval import ive_address
 
 
 @register_layer("ultramem", role="memory")
@@ -186,9 +187,7 @@ class UltraMem(RetrievalLayer):
         """Logical ``addr [T, n]`` -> ``(row rho, block g)`` (§3.6); no IVE: ``(addr, None)``."""
         if self.perm is None:
             return addr, None
-        pi = self.perm[addr].long()
-        p = self.values.shape[0]
-        return pi % p, torch.div(pi, p, rounding_mode="floor")
+        return ive_address(addr, self.perm, self.values.shape[0], impl=self.cfg.impl)
 
     def weights(self, scores: torch.Tensor) -> torch.Tensor:
         """Selected scores ``[T, H, m, h_c]`` -> pooling weights (§3.1 softmax switch)."""

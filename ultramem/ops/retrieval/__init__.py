@@ -17,7 +17,7 @@ import torch
 from ultramem.ops._dispatch import kernels_can_run
 from ultramem.ops.retrieval import reference
 
-__all__ = ["product_key_topk", "tucker_topk", "triton_available"]
+__all__ = ["ive_address", "product_key_topk", "tucker_topk", "triton_available"]
 
 try:  # Triton is optional
     from ultramem.ops.retrieval import triton as _kernels
@@ -83,3 +83,13 @@ def tucker_topk(
         rows, cols = _gather(s_row, addr // n), _gather(s_col, addr % n)  # [..., m, r]
         scores = torch.einsum("...mr,crs,...ms->...mc", rows, cores.to(rows.dtype), cols)
     return scores.view(*lead, m, h_c), addr
+
+
+def ive_address(
+    addr: torch.Tensor, perm: torch.Tensor, num_rows: int, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`ultramem.ops.retrieval.reference.ive_address` (one launch with the kernel;
+    the reference takes four: a gather, a cast, a remainder and a division)."""
+    if impl == "torch" or not triton_available(addr, perm):
+        return reference.ive_address(addr, perm, num_rows)
+    return _kernels.ive_address(addr, perm, num_rows)

@@ -71,3 +71,10 @@ def tucker_topk(
 def brute_force_topk(full_scores: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``full_scores [..., N, N]`` -> exact top-m ``(scores, addr)`` over all N^2 addresses."""
     return full_scores.flatten(-2).topk(m, dim=-1)
+
+
+def ive_address(addr: torch.Tensor, perm: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §3.6 implicit value expansion: logical ``addr`` in ``[0, N^2)`` -> ``(row, block)``
+    with ``pi = perm[addr]``, ``row = pi mod P``, ``block = pi div P`` (int64 both)."""
+    pi = perm[addr].long()
+    return pi % num_rows, torch.div(pi, num_rows, rounding_mode="floor")

@@ -45,34 +45,57 @@ GRID_CHUNK_SPLIT = 512  # grid-kernel chunk on the split path (more programs per
 GRID_CHUNK_FEW = 512
 GRID_FEW_MAX_ROWS = 256  # measured up to 128 rows; many rows keep GRID_CHUNK
 GRID_WARPS = 0  # 0: 8 for a 4096 chunk, else 4
+# radix select from a lower bound with an early exit (``_select``); False: all 32 passes
+SELECT_BOUND = True
 
 
 @triton.jit
-def _ukey(x):
-    """fp32 -> int64 in [0, 2^32) with the same order (for radix select)."""
-    b = x.to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(b < 0, -1 - b, b + 2147483647 + 1)
+def _select(key, need, KCH: tl.constexpr, BOUND: tl.constexpr):
+    """Mask and output slot of the ``need`` largest uint32 keys (0 = invalid), ties by position.
 
+    Radix select from the top bit: ``thr`` grows one bit a pass (a block-wide count of
+    ``key >= thr | bit``) to the largest value with at least ``need`` keys at or above it.
+    ``BOUND`` (default) shortens the chain of passes, which is what a row's latency is made of:
 
-@triton.jit
-def _select(key, need):
-    """Mask and output slot of the ``need`` largest keys (key -1 = invalid), ties by position.
+    - a lower bound: the ``KCH >= need`` strided chunks' maxima are ``KCH`` distinct keys, so
+      at least ``need`` keys are >= their minimum ``lb``; the threshold lies in ``[lb, max]``
+      and the bits above the highest bit where ``lb`` and ``max`` differ are known at once
+      (for real scores that skips the sign and exponent bits);
+    - an early exit: once a pass counts exactly ``need`` keys at or above the candidate, the
+      set is found (continuous scores get there about log2(N / need) + a few passes in).
 
-    Radix select from the top bit, one bit a pass (32 block-wide counts). A 2-4-bit-a-pass
-    variant (one ``[2^b, BLOCK]`` count per pass) measured 2x slower on H200 (docs/kernels.md).
+    Without ``BOUND``: all 32 passes. A 2-4-bit-a-pass variant (one ``[2^b, BLOCK]`` count per
+    pass) measured 2x slower on H200 (docs/kernels.md).
     """
-    thr = tl.zeros([], dtype=tl.int64)
-    step = tl.full([], 2147483647, tl.int64) + 1
-    for _ in range(32):
-        cand = thr + step
-        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
-        thr = tl.where(cnt >= need, cand, thr)
-        step = step // 2
-    gt = key > thr
-    eq = key == thr
-    n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    take = gt | (eq & (eq_rank <= need - n_gt))
+    step = tl.full([], 0x80000000, tl.uint32)
+    thr = tl.zeros([], dtype=tl.uint32)
+    if BOUND:
+        hi = tl.max(key, axis=0)
+        lb = tl.min(tl.max(tl.reshape(key, [key.shape[0] // KCH, KCH]), axis=0), axis=0)
+        while (step != 0) & ((lb & step) == (hi & step)):  # the common prefix of lb and max
+            thr = thr | (hi & step)
+            step = step >> 1
+        while step != 0:
+            cand = thr | step
+            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(cnt >= need, cand, thr)
+            step = tl.where(cnt == need, tl.zeros([], dtype=tl.uint32), step >> 1)
+    else:
+        for _ in range(32):
+            cand = thr | step
+            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(cnt >= need, cand, thr)
+            step = step >> 1
+    ge = key >= thr
+    n_ge = tl.sum(ge.to(tl.int32), axis=0)
+    if n_ge == need:  # no tie at the threshold (always so after an early exit)
+        take = ge
+    else:  # keys equal to thr fill the remaining slots in position order
+        gt = key > thr
+        eq = key == thr
+        n_gt = tl.sum(gt.to(tl.int32), axis=0)
+        eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+        take = gt | (eq & (eq_rank <= need - n_gt))
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     return take, pos
 
@@ -162,7 +185,8 @@ def _p1_merge(ck_ptr, ci_ptr, sel_ptr, row, K, NC, NCB: tl.constexpr):
 
 @triton.jit
 def _phase1_kernel(srow_ptr, scol_ptr, u_ptr, v_ptr, sel_ptr, N, K,
-                   RANK: tl.constexpr, BLOCK: tl.constexpr):
+                   RANK: tl.constexpr, BLOCK: tl.constexpr, KCH: tl.constexpr,
+                   BOUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     side = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -176,8 +200,8 @@ def _phase1_kernel(srow_ptr, scol_ptr, u_ptr, v_ptr, sel_ptr, N, K,
         for t in tl.static_range(RANK):
             w = tl.load(v_ptr + t).to(tl.float32)
             p += w * tl.load(scol_ptr + (row * N + offs) * RANK + t, mask=mask, other=0.0).to(tl.float32)
-    key = tl.where(mask, _ukey(p), -1)
-    take, pos = _select(key, K)
+    key = tl.where(mask, _ukey32(p), tl.zeros([BLOCK], dtype=tl.uint32))
+    take, pos = _select(key, K, KCH, BOUND)
     tl.store(sel_ptr + (row * 2 + side) * K + pos, offs, mask=take)
 
 
@@ -207,7 +231,7 @@ def _grid_kernel(srow_ptr, scol_ptr, c_ptr, sel_ptr, ckey_ptr, cf_ptr, N, K, M,
                  p1k_ptr, p1i_ptr, NC,
                  RANK: tl.constexpr, HC: tl.constexpr, SUM_MODE: tl.constexpr,
                  CHUNK: tl.constexpr, M_PAD: tl.constexpr, MERGE: tl.constexpr,
-                 NCB: tl.constexpr):
+                 NCB: tl.constexpr, BOUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     nsp = tl.num_programs(1)
@@ -219,12 +243,12 @@ def _grid_kernel(srow_ptr, scol_ptr, c_ptr, sel_ptr, ckey_ptr, cf_ptr, N, K, M,
     ia = tl.load(sel_ptr + row * 2 * K + f // K, mask=valid, other=0).to(tl.int64)
     ib = tl.load(sel_ptr + row * 2 * K + K + f % K, mask=valid, other=0).to(tl.int64)
     s = _exact(srow_ptr, scol_ptr, c_ptr, row, ia, ib, valid, N, RANK, HC, -1, SUM_MODE)
-    key = tl.where(valid, _ukey(s), -1)
+    key = tl.where(valid, _ukey32(s), tl.zeros([CHUNK], dtype=tl.uint32))
     need = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), M)
-    take, pos = _select(key, need)
+    take, pos = _select(key, need, M_PAD, BOUND)
     base = (row * nsp + sp) * M_PAD
     offs_m = tl.arange(0, M_PAD)
-    tl.store(ckey_ptr + base + offs_m, tl.full([M_PAD], -1, tl.int64), mask=offs_m >= need)
+    tl.store(ckey_ptr + base + offs_m, tl.zeros([M_PAD], dtype=tl.uint32), mask=offs_m >= need)
     tl.store(ckey_ptr + base + pos, key, mask=take)
     tl.store(cf_ptr + base + pos, f, mask=take)
 
@@ -233,14 +257,14 @@ def _grid_kernel(srow_ptr, scol_ptr, c_ptr, sel_ptr, ckey_ptr, cf_ptr, N, K, M,
 def _final_kernel(srow_ptr, scol_ptr, c_ptr, sel_ptr, ckey_ptr, cf_ptr, tmp_ptr,
                   out_s_ptr, out_a_ptr, N, K, M, NCAND,
                   RANK: tl.constexpr, HC: tl.constexpr, SUM_MODE: tl.constexpr,
-                  BLOCK: tl.constexpr, M_PAD: tl.constexpr):
+                  BLOCK: tl.constexpr, M_PAD: tl.constexpr, BOUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < NCAND
-    key = tl.load(ckey_ptr + row * NCAND + offs, mask=mask, other=-1)
+    key = tl.load(ckey_ptr + row * NCAND + offs, mask=mask, other=0)
     f = tl.load(cf_ptr + row * NCAND + offs, mask=mask, other=0).to(tl.int64)
-    take, pos = _select(key, M)
-    packed = ((key - 2147483647 - 1) << 32) | f  # order by score, then by flat index
+    take, pos = _select(key, M, M_PAD, BOUND)
+    packed = ((key.to(tl.int64) - 2147483647 - 1) << 32) | f  # by score, then flat index
     tl.store(tmp_ptr + row * M_PAD + pos, packed, mask=take)
     tl.debug_barrier()
     offs_m = tl.arange(0, M_PAD)
@@ -259,6 +283,31 @@ def _final_kernel(srow_ptr, scol_ptr, c_ptr, sel_ptr, ckey_ptr, cf_ptr, tmp_ptr,
             s = _exact(srow_ptr, scol_ptr, c_ptr, row, ia, ib, mm, N, RANK, HC, c, SUM_MODE)
             tl.store(out_s_ptr + (row * M + offs_m) * HC + c, s.to(out_s_ptr.dtype.element_ty),
                      mask=mm)
+
+
+@triton.jit
+def _ive_kernel(addr_ptr, perm_ptr, row_ptr, blk_ptr, n_addr, num_rows, BLOCK: tl.constexpr):
+    """``row, block = divmod(perm[addr], P)`` (SPEC §3.6) in one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_addr
+    a = tl.load(addr_ptr + offs, mask=mask, other=0)
+    pi = tl.load(perm_ptr + a, mask=mask, other=0).to(tl.int64)
+    blk = pi // num_rows
+    tl.store(row_ptr + offs, pi - blk * num_rows, mask=mask)
+    tl.store(blk_ptr + offs, blk, mask=mask)
+
+
+def ive_address(addr, perm, num_rows):
+    """``(row, block)`` int64, each shaped like ``addr``."""
+    addr = addr.contiguous()
+    rows = torch.empty(addr.shape, device=addr.device, dtype=torch.int64)
+    blk = torch.empty_like(rows)
+    n = addr.numel()
+    if n:
+        block = min(1024, triton.next_power_of_2(n))
+        _ive_kernel[(triton.cdiv(n, block),)](addr, perm, rows, blk, n, num_rows, BLOCK=block,
+                                              num_warps=4 if block >= 512 else 1)
+    return rows, blk
 
 
 def supported(n: int, k: int, m: int) -> bool:
@@ -295,7 +344,7 @@ def topk(s_row, s_col, cores, u, v, k, m, sum_mode, phase1=None):
     chunk = max(min(triton.next_power_of_2(kk), gmax), m_pad)
     splits = triton.cdiv(kk, chunk)
     sel = torch.empty(rows, 2, k, device=dev, dtype=torch.int32)
-    ckey = torch.empty(rows, splits, m_pad, device=dev, dtype=torch.int64)
+    ckey = torch.empty(rows, splits, m_pad, device=dev, dtype=torch.uint32)
     cf = torch.empty(rows, splits, m_pad, device=dev, dtype=torch.int32)
     tmp = torch.empty(rows, m_pad, device=dev, dtype=torch.int64)
     shape = (rows, m) if sum_mode else (rows, m, h_c)
@@ -320,6 +369,7 @@ def topk(s_row, s_col, cores, u, v, k, m, sum_mode, phase1=None):
         # measured on H200: 8 warps best for a few rows (latency), 4 for many (throughput)
         warps = PHASE1_WARPS or (8 if block >= 4096 and rows < 4096 else 4)
         _phase1_kernel[(rows, 2)](s_row, s_col, u, v, sel, n, k, RANK=rank, BLOCK=block,
+                                  KCH=triton.next_power_of_2(k), BOUND=SELECT_BOUND,
                                   num_warps=warps)
     else:
         p_row = s_row.float() if sum_mode else s_row.float() @ u.float()
@@ -328,11 +378,12 @@ def topk(s_row, s_col, cores, u, v, k, m, sum_mode, phase1=None):
         sel[:, 1] = p_col.topk(k, dim=-1).indices
     _grid_kernel[(rows, splits)](s_row, s_col, cores, sel, ckey, cf, n, k, m, p1k, p1i, nc,
                                  RANK=rank, HC=h_c, SUM_MODE=sum_mode, CHUNK=chunk, M_PAD=m_pad,
-                                 MERGE=merge, NCB=triton.next_power_of_2(nc),
+                                 MERGE=merge, NCB=triton.next_power_of_2(nc), BOUND=SELECT_BOUND,
                                  num_warps=GRID_WARPS or (8 if chunk >= 4096 else 4))
     ncand = splits * m_pad
     fblock = triton.next_power_of_2(ncand)
     _final_kernel[(rows,)](s_row, s_col, cores, sel, ckey, cf, tmp, out_s, out_a, n, k, m,
                            ncand, RANK=rank, HC=h_c, SUM_MODE=sum_mode, BLOCK=fblock,
-                           M_PAD=m_pad, num_warps=8 if fblock >= 4096 else 4)
+                           M_PAD=m_pad, BOUND=SELECT_BOUND,
+                           num_warps=8 if fblock >= 4096 else 4)
     return out_s, out_a
