@@ -160,7 +160,7 @@ def bench_lookup(name, t, n, p, d, hc, e, dp=0, act="identity", dist="uniform", 
         else:
             leaves = [x.detach().requires_grad_() for x in (values, s, u, q) if x is not None]
             lv = dict(zip(["v", "sc", "uu", "qq"][: len(leaves)], leaves))
-        for method in (["sort", "atomic"] if impl == "triton" else [None]):
+        for method in (["dense", "sort", "atomic"] if impl == "triton" else [None]):
             if method:
                 lr.DV_METHOD = method
             out = fwd(**lv)
@@ -168,7 +168,7 @@ def bench_lookup(name, t, n, p, d, hc, e, dp=0, act="identity", dist="uniform", 
             ms = timeit(lambda out=out, g=g, lv=leaves: torch.autograd.grad(out, lv, g, retain_graph=True))
             record("lookup_reduce", impl + (f"-{method}" if method else ""), "bwd", shape, ms,
                    bwd_bytes)
-        lr.DV_METHOD = "sort"
+        lr.DV_METHOD = lr.DEFAULT_DV_METHOD
 
 
 # ---- retrieval -----------------------------------------------------------------------------
@@ -326,9 +326,10 @@ def bench_train_step() -> None:
     gy = torch.randn(t, layer.wq.shape[1], device=DEV, dtype=BF16)
     shape = {"layer": "ultramem-151m-x12", "T": t, "P": layer.p, "N": layer.n, "m": layer.m}
     nbytes = t * layer.h * layer.m * layer.values.shape[1] * 2 * 3 + layer.values.numel() * 2
-    for impl, method, bound in (("torch", None, True), ("triton", "sort", True),
-                                ("triton", "atomic", True), ("triton", "sort", False)):
-        lr.DV_METHOD = method or "sort"
+    for impl, method, bound in (("torch", None, True), ("triton", "dense", True),
+                                ("triton", "sort", True), ("triton", "atomic", True),
+                                ("triton", "dense", False)):
+        lr.DV_METHOD = method or lr.DEFAULT_DV_METHOD
 
         def step(impl=impl, layer=layer):
             layer(x, impl).backward(gy)
@@ -337,7 +338,7 @@ def bench_train_step() -> None:
             ms = timeit(step, grad_to_none=layer.params + [x])
         label = impl + (f"-{method}" if method else "") + ("" if bound else "[radix32]")
         record("layer_train_step", label, "fwd+bwd", shape, ms, nbytes)
-    lr.DV_METHOD = "sort"
+    lr.DV_METHOD = lr.DEFAULT_DV_METHOD
 
 
 def bench_module(batches) -> None:
@@ -367,7 +368,7 @@ def plot(path: str, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(16, 8), gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(22, 8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
     ax = axes[0]
     lk = [r for r in ROWS if r["op"] == "lookup_reduce" and "[" not in r["impl"]]  # no tile variants
     labels = [f"{r['shape']['name']} T{r['shape']['T']} {r['shape']['idx'][:4]} {r['direction']} {r['impl']}" for r in lk]
@@ -393,6 +394,23 @@ def plot(path: str, device: str) -> None:
     ax.set_xlabel("decode batch")
     ax.set_ylabel("us per layer call (CUDA-graph replay)")
     ax.set_title("UltraMem-1.6B-x12 memory layer, decode")
+    ax.legend(fontsize=7)
+    ax = axes[2]  # where a decode call's time goes: differences of the prefix timings
+    pre = [r for r in ROWS if r["op"] == "layer_decode_prefix"]
+    bars = sorted({(r["impl"], r["shape"]["B"]) for r in pre}, key=lambda x: (x[0], x[1]))
+    for y, (impl, b) in enumerate(bars):
+        rs = sorted((r for r in pre if r["impl"] == impl and r["shape"]["B"] == b),
+                    key=lambda r: r["shape"]["stages"])
+        left = 0.0
+        for i, r in enumerate(rs):
+            width = max(r["ms"] * 1e3 - left, 0.0)
+            ax.barh(y, width, left=left, color=f"C{i}",
+                    label=r["shape"]["last"] if y == 0 else None)
+            left += width
+    ax.set_yticks(range(len(bars)), [f"{impl} B {b}" for impl, b in bars])
+    ax.axvline(25, ls="--", c="k", lw=0.8)
+    ax.set_xlabel("us (CUDA-graph time of each stage prefix, stacked differences)")
+    ax.set_title("decode layer call by stage")
     ax.legend(fontsize=7)
     fig.suptitle(device)
     fig.tight_layout()

@@ -3,8 +3,9 @@
 Layers call only :func:`lookup_reduce`. ``impl``: ``"auto"`` | ``"torch"`` | ``"triton"``.
 ``auto`` takes the Triton kernels when Triton imports and the tensors are on CUDA (or, for
 tests, ``TRITON_INTERPRET=1`` is set and they are on CPU); otherwise the reference, silently.
-The value-gradient method is ``DV_METHOD``: ``"sort"`` (segment reduce, the default) or
-``"atomic"`` (see ``triton.scatter_rows``).
+The value-gradient method is ``DV_METHOD`` (env ``ULTRAMEM_DV_METHOD``, default
+``DEFAULT_DV_METHOD``): ``"dense"`` (the whole dense gradient in one row-ordered pass),
+``"sort"`` (zero-fill + segment reduce) or ``"atomic"`` (see ``triton.scatter_rows``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ultramem.ops.lookup_reduce import reference
 
 __all__ = ["lookup_reduce", "triton_available"]
 
-DV_METHOD = os.environ.get("ULTRAMEM_DV_METHOD", "sort")  # "sort" | "atomic"
+DEFAULT_DV_METHOD = "dense"  # "dense" | "sort" | "atomic"; H200 timings: docs/results/lr-bwd-h200.json
+DV_METHOD = os.environ.get("ULTRAMEM_DV_METHOD", DEFAULT_DV_METHOD)
 
 try:  # Triton is optional: without it every call takes the reference
     from ultramem.ops.lookup_reduce import triton as _kernels
