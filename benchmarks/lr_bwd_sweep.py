@@ -48,6 +48,7 @@ OPTS = ARGS.parse_args()
 if OPTS.smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import _bench  # noqa: E402  (benchmarks/_bench.py)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
@@ -104,33 +105,15 @@ def record(op, impl, shape, ms, nbytes) -> None:
 
 
 def copy_bandwidth() -> None:
-    n = (1 << 16) if SMOKE else (1 << 29)  # 1 GiB of bf16
-    x = torch.randn(n, device=DEV, dtype=BF16)
-    y = torch.empty_like(x)
-    ms = timeit(lambda: y.copy_(x))
-    COPY["GBps"] = 2 * x.numel() * x.element_size() / ms / 1e6
-    print(f"copy bandwidth {COPY['GBps']:.0f} GB/s (read + write of {x.nbytes / 2**30:.2f} GiB)")
+    COPY["GBps"] = _bench.copy_gbps(DEV, BF16, timeit, (1 << 16) if SMOKE else (1 << 29))
 
 
 def warm_up(seconds: float) -> None:
-    """Busy GPU so that clocks have ramped before timing (as benchmarks/ops.py)."""
-    if SMOKE:
-        return
-    a = torch.randn(4096, 4096, device=DEV, dtype=BF16)
-    t0 = time.time()
-    while time.time() - t0 < seconds:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
+    _bench.warm_up(seconds, DEV)
 
 
 def make_idx(dist: str, t: int, n: int, p: int) -> torch.Tensor:
-    """As ``benchmarks/ops.py``: uniform, or skewed (u^4: ~31 % of picks on 1 % of the rows,
-    hashed across the table)."""
-    if dist == "uniform":
-        return torch.randint(0, p, (t, n), device=DEV)
-    hot = (torch.rand(t, n, device=DEV) ** 4 * p).long()
-    return (hot * 2654435761) % p
+    return _bench.make_idx(dist, t, n, p, DEV)
 
 
 def check_close(name: str, a: torch.Tensor, b: torch.Tensor) -> None:

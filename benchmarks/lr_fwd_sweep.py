@@ -100,6 +100,7 @@ from dataclasses import dataclass
 if __name__ == "__main__" and "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
+import _bench  # noqa: E402  (benchmarks/_bench.py)
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -966,42 +967,11 @@ def run_pool(fn, jobs, n_jobs):
 
 # ---- GPU sweep -------------------------------------------------------------------------------
 def copy_bandwidth() -> float:
-    """As ``benchmarks/ops.py``: 1 GiB bf16 ``y.copy_(x)``, read + write bytes / median time."""
-    x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=60, return_mode="median")
-    gbps = 2 * x.numel() * x.element_size() / ms / 1e6
-    print(f"copy bandwidth {gbps:.0f} GB/s (read + write of {x.nbytes / 2**30:.2f} GiB)", flush=True)
-    return gbps
+    return _bench.copy_gbps("cuda", torch.bfloat16, _bench.do_bench)
 
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def graph_time(fn, calls: int = 20, reps: int = 25) -> float:
-    """As ``benchmarks/ops.py``: median ms per call of a CUDA graph of ``calls`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def sweep_shape(shape: str, cfgs: list[Cfg], copy: float, rows: list[dict]) -> None:
@@ -1018,7 +988,7 @@ def sweep_shape(shape: str, cfgs: list[Cfg], copy: float, rows: list[dict]) -> N
     nbytes = pb.fwd_bytes()
     spec = dict(zip(("T", "n", "D_v", "h_c", "E", "D_p", "act", "P"), ALL_SHAPES[shape]))
     decode = shape in DECODE_SHAPES
-    timer = graph_time if decode else bench  # decode: launch overhead matters, CUDA graphs
+    timer = _bench.graph_time if decode else bench  # decode: launch overhead matters, CUDA graphs
 
     def emit(variant, ms=None, **extra):
         row = {"shape": shape, **spec, "variant": variant, "bytes": nbytes, **extra}

@@ -36,6 +36,7 @@ OPTS = ARGS.parse_args()
 if OPTS.smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import _bench  # noqa: E402  (benchmarks/_bench.py)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
@@ -61,35 +62,9 @@ def timeit(fn, graph: bool = False, grad_to_none=None) -> float:
         fn()
         return (time.perf_counter() - t0) * 1e3
     if graph:
-        return graph_time(fn)
+        return _bench.graph_time(fn)
     return triton.testing.do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none,
                                    return_mode="median")
-
-
-def graph_time(fn, calls: int = 20, reps: int = 25) -> float:
-    """Median ms per call of a CUDA graph holding ``calls`` calls, warmed on its capture stream
-    (cuBLAS and the allocator see that stream before capture)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def record(op, impl, direction, shape, ms, nbytes) -> None:
@@ -103,20 +78,11 @@ def record(op, impl, direction, shape, ms, nbytes) -> None:
 
 
 def copy_bandwidth() -> None:
-    n = (1 << 16) if SMOKE else (1 << 29)
-    x = torch.randn(n, device=DEV, dtype=BF16)
-    y = torch.empty_like(x)
-    ms = timeit(lambda: y.copy_(x))
-    COPY["GBps"] = 2 * x.numel() * x.element_size() / ms / 1e6
-    print(f"copy bandwidth {COPY['GBps']:.0f} GB/s (read + write of {x.nbytes / 2**30:.2f} GiB)")
+    COPY["GBps"] = _bench.copy_gbps(DEV, BF16, timeit, (1 << 16) if SMOKE else (1 << 29))
 
 
 def make_idx(dist: str, t: int, n: int, p: int) -> torch.Tensor:
-    if dist == "uniform":
-        return torch.randint(0, p, (t, n), device=DEV)
-    # skewed: u^4 puts ~31 % of picks on 1 % of the rows; a multiplicative hash scatters them
-    hot = (torch.rand(t, n, device=DEV) ** 4 * p).long()
-    return (hot * 2654435761) % p
+    return _bench.make_idx(dist, t, n, p, DEV)
 
 
 # ---- lookup-reduce -------------------------------------------------------------------------
@@ -418,16 +384,9 @@ def plot(path: str, device: str) -> None:
 
 
 def warm_up(seconds: float) -> None:
-    """Keep the GPU busy so that clocks have ramped before a section is timed (without this the
-    first variants of a section measured up to 2x slower than the same kernel a second later)."""
-    if SMOKE:
-        return
-    a = torch.randn(4096, 4096, device=DEV, dtype=BF16)
-    t0 = time.time()
-    while time.time() - t0 < seconds:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
+    """Clocks ramped before a section is timed (without this the first variants of a section
+    measured up to 2x slower than the same kernel a second later)."""
+    _bench.warm_up(seconds, DEV)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,75 @@
+"""Measurement helpers shared by the benchmark scripts (``ops.py``, ``lr_fwd_sweep.py``,
+``lr_bwd_sweep.py``): one definition of the copy-bandwidth ceiling, CUDA-graph timing, the
+clock warm-up and the skewed index distribution, so every script measures the same way."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import triton
+
+
+def copy_gbps(device: str, dtype: torch.dtype, timer: Callable[[Callable], float],
+              numel: int = 1 << 29) -> float:
+    """Copy bandwidth, read + write bytes over the median time of ``y.copy_(x)`` (1 GiB of
+    bf16 by default), printed and returned in GB/s."""
+    x = torch.randn(numel, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    ms = timer(lambda: y.copy_(x))
+    gbps = 2 * x.numel() * x.element_size() / ms / 1e6
+    print(f"copy bandwidth {gbps:.0f} GB/s (read + write of {x.nbytes / 2**30:.2f} GiB)", flush=True)
+    return gbps
+
+
+def do_bench(fn: Callable, rep: int = 60) -> float:
+    """Median ms of ``triton.testing.do_bench`` (L2 flushed between repetitions)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def graph_time(fn: Callable, calls: int = 20, reps: int = 25) -> float:
+    """Median ms per call of a CUDA graph holding ``calls`` calls, warmed on its capture stream
+    (cuBLAS and the allocator see that stream before capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def warm_up(seconds: float, device: str = "cuda") -> None:
+    """Keep the GPU busy so that clocks have ramped before timing (no-op on the CPU)."""
+    if device == "cpu":
+        return
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def make_idx(dist: str, t: int, n: int, p: int, device: str) -> torch.Tensor:
+    """``[t, n]`` row ids in ``[0, p)``: uniform, or skewed (``u^4`` puts ~31 % of picks on 1 %
+    of the rows; a multiplicative hash scatters them across the table)."""
+    if dist == "uniform":
+        return torch.randint(0, p, (t, n), device=device)
+    hot = (torch.rand(t, n, device=device) ** 4 * p).long()
+    return (hot * 2654435761) % p
