@@ -358,6 +358,26 @@ def _bwd_scores_kernel(
 
 
 @triton.jit
+def _weighted_grad_rows(w_ptr, blk_ptr, go_ptr, sel, t, mask, offs_d, mask_d, core, D_V,
+                        HC: tl.constexpr, E: tl.constexpr):
+    """``w[sel, core(d)] * dO[t, block[sel], d]`` for a vector of flat selections ``sel`` of
+    tokens ``t`` (fp32 ``[len(sel), BLOCK_D]``; masked-out selections give 0): one value-gradient
+    term each, shared by the atomic and the segment-reduce kernels."""
+    if E > 1:
+        blk = tl.load(blk_ptr + sel, mask=mask, other=0).to(tl.int64)
+    else:
+        blk = tl.zeros(sel.shape, dtype=tl.int64)
+    w = tl.zeros([sel.shape[0], offs_d.shape[0]], dtype=tl.float32)
+    for c in tl.static_range(HC):
+        w_c = tl.load(w_ptr + sel * HC + c, mask=mask, other=0.0)
+        w = tl.where((core == c)[None, :], w_c[:, None], w)
+    m2 = mask[:, None] & mask_d[None, :]
+    go = tl.load(go_ptr + ((t * E + blk) * D_V)[:, None] + offs_d[None, :], mask=m2,
+                 other=0.0).to(tl.float32)
+    return w * go
+
+
+@triton.jit
 def _dv_atomic_kernel(
     idx_ptr, w_ptr, blk_ptr, go_ptr, dv_ptr, N_SEL, D_V,
     HC: tl.constexpr, DC: tl.constexpr, E: tl.constexpr,
@@ -373,18 +393,10 @@ def _dv_atomic_kernel(
         mask_n = offs_n < N_SEL
         sel = t * N_SEL + offs_n
         rows = tl.load(idx_ptr + sel, mask=mask_n, other=0).to(tl.int64)
-        if E > 1:
-            blk = tl.load(blk_ptr + sel, mask=mask_n, other=0).to(tl.int64)
-        else:
-            blk = tl.zeros([BLOCK_N], dtype=tl.int64)
-        w = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for c in tl.static_range(HC):
-            w_c = tl.load(w_ptr + sel * HC + c, mask=mask_n, other=0.0)
-            w = tl.where((core == c)[None, :], w_c[:, None], w)
-        m2 = mask_n[:, None] & mask_d[None, :]
-        go = tl.load(go_ptr + ((t * E + blk) * D_V)[:, None] + offs_d[None, :], mask=m2,
-                     other=0.0).to(tl.float32)
-        tl.atomic_add(dv_ptr + rows[:, None] * D_V + offs_d[None, :], w * go, mask=m2)
+        wgo = _weighted_grad_rows(w_ptr, blk_ptr, go_ptr, sel, t, mask_n, offs_d, mask_d, core,
+                                  D_V, HC, E)
+        tl.atomic_add(dv_ptr + rows[:, None] * D_V + offs_d[None, :], wgo,
+                      mask=mask_n[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -416,19 +428,8 @@ def _dv_sorted_kernel(
     for j in range(0, max_len):
         mj = j < plen
         sel = tl.load(order_ptr + pos + j, mask=mj, other=0).to(tl.int64)
-        t = sel // N_SEL
-        if E > 1:
-            blk = tl.load(blk_ptr + sel, mask=mj, other=0).to(tl.int64)
-        else:
-            blk = tl.zeros([BLOCK_S], dtype=tl.int64)
-        w = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        for c in tl.static_range(HC):
-            w_c = tl.load(w_ptr + sel * HC + c, mask=mj, other=0.0)
-            w = tl.where((core == c)[None, :], w_c[:, None], w)
-        m2 = mj[:, None] & mask_d[None, :]
-        go = tl.load(go_ptr + ((t * E + blk) * D_V)[:, None] + offs_d[None, :], mask=m2,
-                     other=0.0).to(tl.float32)
-        acc += w * go
+        acc += _weighted_grad_rows(w_ptr, blk_ptr, go_ptr, sel, sel // N_SEL, mj, offs_d,
+                                   mask_d, core, D_V, HC, E)
     row = tl.load(srt_ptr + pos, mask=valid, other=0).to(tl.int64)
     hot = (en - st) > PIECE
     short = head & ~hot
