@@ -235,10 +235,11 @@ class ComposedLayer:
         q = F.layer_norm(q, (self.kd,), self.lnw, self.lnb)
         if stop < 3:
             return q
-        s = torch.bmm(q.transpose(0, 1), self.keys.transpose(1, 2))  # [2, B, H*N*r]
+        # one matmul a side (heads share the query: [B, K] x [K, H*N*r]), as the layer does: not
+        # views of one [2, B, ...] tensor, whose gradient would be materialised at twice the size
+        s_row, s_col = ((q[:, i] @ self.keys[i].T).view(b, self.h, self.n, self.r) for i in (0, 1))
         if stop < 4:
-            return s
-        s_row, s_col = s[0].view(b, self.h, self.n, self.r), s[1].view(b, self.h, self.n, self.r)
+            return s_row, s_col
         scores, addr = tucker_topk(s_row, s_col, self.cores, self.u, self.v, self.k, self.m, impl=impl)
         if stop < 5:
             return scores

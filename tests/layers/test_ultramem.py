@@ -173,7 +173,8 @@ def test_multi_core_scoring_equals_per_core_formula():
     x = torch.randn(1, 6, d)
     y = layer(x)
     h = layer.query_conv(x).reshape(-1, d)
-    s_all = layer.retrieval.per_rank_scores(h)  # [T, H, 2, N, r]
+    s_row, s_col = layer.retrieval.per_rank_scores(h)  # [Q, T, G, N, r]
+    s_all = torch.stack([x.transpose(0, 1).reshape(6, 2, *x.shape[3:]) for x in (s_row, s_col)], 2)
     cores = layer.retrieval.tucker.cores
     _, addr = layer.retrieval(h)
     n = layer.cfg.n_keys()
