@@ -1,0 +1,73 @@
+"""Skinny linear: the decode GEMV kernel (interpreter on CPU) against ``F.linear``.
+
+    .venv/bin/python -m pytest tests/ops/test_skinny_linear.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ultramem.ops.skinny_linear as sl
+from ultramem.ops.skinny_linear import skinny_linear
+
+pytestmark = pytest.mark.usefixtures("interpret")
+
+# (lead shape of x, K, N): K not a multiple of the K tile, odd N, 1-8 rows
+SHAPES = [((1,), 20, 7), ((3,), 100, 33), ((2, 1), 1030, 5), ((8,), 64, 16), ((5,), 300, 129),
+          ((1, 1), 2048, 9)]
+
+
+def _kernel_calls(monkeypatch) -> list:
+    calls = []
+    real = sl._kernels.skinny_linear
+    monkeypatch.setattr(sl._kernels, "skinny_linear",
+                        lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=lambda c: "x".join(map(str, (*c[0], c[1], c[2]))))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_linear(case, dtype, monkeypatch):
+    lead, k, n = case
+    g = torch.Generator().manual_seed(k * 31 + n)
+    x = torch.randn(*lead, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    calls = _kernel_calls(monkeypatch)
+    out = skinny_linear(x.to(dtype), w.to(dtype), impl="triton")
+    assert calls, "the kernel was not used"
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    exact = F.linear(x.double().to(dtype).double(), w.double().to(dtype).double())
+    ref_err = (F.linear(x.to(dtype), w.to(dtype)).double() - exact).abs().max().item()
+    err = (out.double() - exact).abs().max().item()
+    # the interpreter's fp32 -> bf16 cast truncates (the GPU's rounds to nearest): one more ulp
+    ulp = exact.abs().max().item() * 2**-7 if dtype == torch.bfloat16 else 0.0
+    assert err <= 2 * ref_err + ulp + 1e-5, (err, ref_err)
+
+
+def test_non_contiguous_rows(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 40, generator=g)[:, 0]  # row stride 80
+    w = torch.randn(6, 40, generator=g)
+    calls = _kernel_calls(monkeypatch)
+    torch.testing.assert_close(skinny_linear(x, w, impl="triton"), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert calls
+
+
+def test_falls_back_for_training_many_rows_and_torch(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 40, generator=g, requires_grad=True)
+    calls = _kernel_calls(monkeypatch)
+    x = torch.randn(2, 40, generator=g, requires_grad=True)
+    y = skinny_linear(x, w, impl="triton")  # gradient recorded: the reference, autograd intact
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(0).expand(2, 40))
+    with torch.no_grad():
+        many = torch.randn(sl._kernels.MAX_ROWS + 1, 40, generator=g)
+        torch.testing.assert_close(skinny_linear(many, w, impl="triton"), F.linear(many, w))
+        skinny_linear(x, w, impl="torch")
+    assert not calls
+    with torch.no_grad():
+        skinny_linear(x, w, impl="auto")
+    assert calls  # and the same call with auto takes the kernel
