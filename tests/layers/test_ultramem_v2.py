@@ -177,14 +177,23 @@ def test_value_std_formula_matches_paper_when_ffn_variance_is_papers():
     assert math.isclose(cfg.linear_std(shape), 0.02282177322938192, rel_tol=1e-9)
 
 
-def test_pre_value_query_reads_the_block_input_not_the_query_conv():
+def test_pre_value_query_reads_the_block_input_not_the_query_conv(monkeypatch):
     """SPEC §4.2: a_j = phi(<W_pre x, U[rho_j]>); the query conv feeds only the retrieval."""
+    import ultramem.layers.ultramem_v2 as v2
+
     _, _, layers = build_all(n_mem=2, query_conv=3, seed=5)
     layer = layers[0]
     with torch.no_grad():  # the conv starts as the identity; make it mix tokens
         layer.query_conv.weight.normal_()
     seen = {}
-    layer.pre_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("in", a[0]))
+    real = v2.skinny_linear
+
+    def spy(x, weight, impl="auto"):
+        if weight is layer.pre_proj.weight:
+            seen["in"] = x
+        return real(x, weight, impl=impl)
+
+    monkeypatch.setattr(v2, "skinny_linear", spy)
     x = torch.randn(2, 7, layer.pre_proj.in_features)
     layer(x)
     assert torch.equal(seen["in"], x.reshape(-1, x.shape[-1]))

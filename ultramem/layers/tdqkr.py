@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultramem.ops.retrieval import product_key_topk, tucker_topk
+from ultramem.ops.skinny_linear import skinny_linear
 
 QUERY_NORMS = ("none", "batchnorm", "layernorm", "rmsnorm")
 KEY_NORMS = ("none", "layernorm", "rmsnorm")
@@ -209,7 +210,7 @@ class MemoryRetrieval(nn.Module):
         size, 16 K tokens, on an H200). The heads of one query group are one matmul with the
         group's keys side by side, so for Q = 1 the result is ``[T, H, N, r]`` contiguous."""
         s, t = self.spec, x.shape[0]
-        q = self.query_proj(x)
+        q = skinny_linear(x, self.query_proj.weight, impl=self.impl)  # F.linear but at decode
         if isinstance(self.query_norm, nn.BatchNorm1d):
             q = self.query_norm(q)
         q = q.view(t, s.n_queries, 2, s.query_ranks, s.key_dim)

@@ -28,6 +28,7 @@ from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
 from ultramem.ops.retrieval import ive_address
+from ultramem.ops.skinny_linear import skinny_linear
 
 
 @register_layer("ultramem", role="memory")
@@ -205,7 +206,7 @@ class UltraMem(RetrievalLayer):
         )  # [T, E, D_v]
         out = pooled.reshape(t, -1).to(x.dtype)
         if self.out_proj is not None:
-            out = self.out_proj(out)
+            out = skinny_linear(out, self.out_proj.weight, impl=cfg.impl)  # F.linear but at decode
         self.add_tucker_aux()
         if self.track_metrics:
             self.add_memory_metrics(scores, rows)

@@ -27,6 +27,7 @@ from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
 from ultramem.ops.lookup_reduce.reference import ACTIVATIONS
+from ultramem.ops.skinny_linear import skinny_linear
 
 RINGS = ("forward", "centred")
 
@@ -271,12 +272,14 @@ class UltraMemV2(RetrievalLayer):
         local, rows = self.pool_rows_for(addr.reshape(t, -1))
         pool = self.pool
         # §4.2: the pre-value query is W_pre x -- the block input, not the query conv's output.
-        pre_q = self.pre_proj(x.reshape(t, -1)).to(pool.values.dtype) if self.pre_proj is not None else None
+        pre_q = None
+        if self.pre_proj is not None:  # F.linear, or the decode GEMV kernel
+            pre_q = skinny_linear(x.reshape(t, -1), self.pre_proj.weight, impl=cfg.impl).to(pool.values.dtype)
         pooled = lookup_reduce(
             pool.values, rows, scores.reshape(t, -1, scores.shape[-1]).to(pool.values.dtype),
             pre_values=pool.pre_values, pre_query=pre_q, activation=cfg.activation, impl=cfg.impl,
         )[:, 0]  # [T, D_v]
-        y = self.out_proj(pooled.to(x.dtype))
+        y = skinny_linear(pooled.to(x.dtype), self.out_proj.weight, impl=cfg.impl)
         self.add_tucker_aux()
         if self.track_metrics:
             self.add_memory_metrics(scores, local)

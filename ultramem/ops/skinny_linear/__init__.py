@@ -3,8 +3,9 @@
 Layers call :func:`skinny_linear` for projections that run once per decoded token. ``impl``:
 ``"auto"`` | ``"torch"`` | ``"triton"`` as for the other ops (no Triton or no GPU: the
 reference, silently). The kernel runs only for inference-shaped calls: at most
-``triton.MAX_ROWS`` rows and no gradient recorded for ``x`` or ``weight``; everything else
-(training, prefill, a batch of many sequences) is ``F.linear``, so autograd is untouched.
+``triton.MAX_ROWS`` rows, no gradient recorded for ``x`` or ``weight`` and no autocast;
+everything else (training, prefill, a batch of many sequences, autocast regions) is
+``F.linear``, so autograd and autocast behave as with ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> 
     rows = x.numel() // max(x.shape[-1], 1)
     if (impl == "torch" or rows > (_kernels.MAX_ROWS if _kernels else 0)
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or torch.is_autocast_enabled(x.device.type)
             or x.dtype != weight.dtype or not triton_available(x, weight)):
         return reference.skinny_linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
