@@ -54,6 +54,20 @@ def graph_time(fn: Callable, calls: int = 20, reps: int = 25) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def cold_graph_time(fn: Callable, flush_bytes: int = 128 << 20, calls: int = 10) -> float:
+    """Median ms per call with the L2 cache flushed before every call (a ``flush_bytes`` write,
+    over twice the H100 / H200 L2), minus the flush alone: a layer's weights as they are in a
+    real model, where the other layers evict them between two calls. ``graph_time`` replays
+    the same call back to back, so weights that fit in L2 stay there."""
+    buf = torch.empty(flush_bytes // 4, device="cuda", dtype=torch.float32)
+
+    def both():
+        buf.zero_()
+        fn()
+
+    return graph_time(both, calls=calls) - graph_time(buf.zero_, calls=calls)
+
+
 def warm_up(seconds: float, device: str = "cuda") -> None:
     """Keep the GPU busy so that clocks have ramped before timing (no-op on the CPU)."""
     if device == "cpu":

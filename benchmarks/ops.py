@@ -44,8 +44,10 @@ import triton  # noqa: E402
 import ultramem.ops.lookup_reduce as lr  # noqa: E402
 import ultramem.ops.lookup_reduce.triton as lrk  # noqa: E402
 import ultramem.ops.retrieval.triton as rtk  # noqa: E402
+from ultramem.ops.key_scores import key_scores  # noqa: E402
 from ultramem.ops.lookup_reduce import lookup_reduce  # noqa: E402
 from ultramem.ops.retrieval import ive_address, tucker_topk  # noqa: E402
+from ultramem.ops.skinny_linear import skinny_linear  # noqa: E402
 
 SMOKE = OPTS.smoke
 DEV = "cpu" if SMOKE else "cuda"
@@ -203,8 +205,11 @@ def bench_retrieval(rows_b, heads, n, r, hc, k, m, graph) -> None:
 
 # ---- whole layer, composed from the ops ----------------------------------------------------
 class ComposedLayer:
-    """UltraMem (v1) layer from the ops: query proj, LayerNorm, TDQKR scores, tucker_topk,
-    IVE address map, lookup_reduce, output projection (SPEC §3). Shared query, 2 heads."""
+    """UltraMem (v1) layer from the ops, as ``ultramem.layers`` composes it (SPEC §3): query
+    projection (``skinny_linear``), query LayerNorm + TDQKR key scores (``key_scores``),
+    ``tucker_topk``, IVE address map, ``lookup_reduce``, output projection. Shared query, 2
+    heads. ``impl="torch"``: every op's reference (``F.linear``, ``F.layer_norm`` + one matmul
+    a side, ...)."""
 
     def __init__(self, d, knum, e, key_dim, r, hc, heads, m, k, dv, grad=False):
         self.p, self.n = knum * knum, math.isqrt(e) * knum
@@ -212,7 +217,7 @@ class ComposedLayer:
         kw = dict(device=DEV, dtype=BF16)
         self.wq = torch.randn(2 * key_dim, d, **kw) * d**-0.5
         self.lnw, self.lnb = torch.ones(key_dim, **kw), torch.zeros(key_dim, **kw)
-        self.keys = torch.randn(2, heads * self.n * r, key_dim, **kw) * key_dim**-0.5
+        self.keys = torch.randn(heads, 2, self.n, r, key_dim, **kw) * key_dim**-0.5
         cores = torch.randn(hc, r, r, device=DEV)
         uu, _, vh = torch.linalg.svd(cores.sum(0))
         self.cores, self.u, self.v = cores.to(BF16), uu[:, 0].to(BF16), vh[0].to(BF16)
@@ -223,34 +228,31 @@ class ComposedLayer:
         for x in self.params:
             x.requires_grad_(grad)
 
-    STAGES = ("query proj", "query norm", "key scores", "tucker_topk", "ive_address",
-              "lookup_reduce", "out proj")
+    STAGES = ("query proj", "key scores", "tucker_topk", "ive_address", "lookup_reduce",
+              "out proj")
 
     def __call__(self, x: torch.Tensor, impl: str, stop: int = 99) -> torch.Tensor:
         """The layer; ``stop`` = number of :data:`STAGES` to run (timing prefixes)."""
         b = x.shape[0]
-        q = F.linear(x, self.wq).view(b, 2, self.kd)
+        q = skinny_linear(x, self.wq, impl=impl)
         if stop < 2:
             return q
-        q = F.layer_norm(q, (self.kd,), self.lnw, self.lnb)
+        s_row, s_col = key_scores(q.view(b, 1, 2, 1, self.kd), self.keys, "layernorm", self.lnw,
+                                  self.lnb, impl=impl)  # [1, B, H, N, r] each
         if stop < 3:
-            return q
-        # one matmul a side (heads share the query: [B, K] x [K, H*N*r]), as the layer does: not
-        # views of one [2, B, ...] tensor, whose gradient would be materialised at twice the size
-        s_row, s_col = ((q[:, i] @ self.keys[i].T).view(b, self.h, self.n, self.r) for i in (0, 1))
-        if stop < 4:
             return s_row, s_col
-        scores, addr = tucker_topk(s_row, s_col, self.cores, self.u, self.v, self.k, self.m, impl=impl)
-        if stop < 5:
+        scores, addr = tucker_topk(s_row[0], s_col[0], self.cores, self.u, self.v, self.k, self.m,
+                                   impl=impl)
+        if stop < 4:
             return scores
         rows, blk = ive_address(addr.view(b, -1), self.perm, self.p, impl=impl)
-        if stop < 6:
+        if stop < 5:
             return rows
         pooled = lookup_reduce(self.values, rows, scores.reshape(b, -1, self.hc), blk, self.e,
                                impl=impl)
-        if stop < 7:
+        if stop < 6:
             return pooled
-        return F.linear(pooled.view(b, -1), self.wo)
+        return skinny_linear(pooled.view(b, -1), self.wo, impl=impl)
 
 
 def bench_layer_decode(batches) -> None:
@@ -261,11 +263,17 @@ def bench_layer_decode(batches) -> None:
     for b in batches:
         x = torch.randn(b, layer.wq.shape[1], device=DEV, dtype=BF16)
         shape = {"layer": "ultramem-1.6b-x12", "B": b, "P": layer.p, "N": layer.n, "m": layer.m}
-        nbytes = b * layer.h * layer.m * layer.values.shape[1] * 2 + layer.keys.numel() * 2
+        # the selected value rows, the key table and the two projections' weights
+        nbytes = 2 * (b * layer.h * layer.m * layer.values.shape[1] + layer.keys.numel()
+                      + layer.wq.numel() + layer.wo.numel())
         for impl in ("torch", "triton"):
             with torch.no_grad():
                 ms = timeit(lambda impl=impl, x=x: layer(x, impl), graph=b <= 64)
             record("layer_decode", impl, "fwd", shape, ms, nbytes)
+            if b <= 64 and not SMOKE:  # weights evicted between calls, as in a whole model
+                with torch.no_grad():
+                    ms = _bench.cold_graph_time(lambda impl=impl, x=x: layer(x, impl))
+                record("layer_decode", impl + " (L2 cold)", "fwd", shape, ms, nbytes)
         with knob(rtk, "SELECT_BOUND", False), torch.no_grad():
             ms = timeit(lambda x=x: layer(x, "triton"), graph=b <= 64)
         record("layer_decode", "triton[radix32]", "fwd", shape, ms, nbytes)

@@ -132,3 +132,35 @@ def test_tucker_topk_gpu(case, dtype):
     s_pk, a_pk = product_key_topk(s_row[..., 0], s_col[..., 0], k, m, impl="triton")
     p_ref, pa_ref = reference.product_key_topk(s_row[..., 0].float(), s_col[..., 0].float(), k, m)
     torch.testing.assert_close(s_pk.float().sort(-1).values, p_ref.sort(-1).values, rtol=tol, atol=tol)
+
+
+# ---- key scores (ultramem.ops.key_scores): the 1.6B-x12 decode shape --------------------------
+@pytest.mark.parametrize("blocks", [None, "16,1,4", "128,64,8,32"])
+@pytest.mark.parametrize("t", [1, 4, 16, 64])
+def test_key_scores_decode_bf16(t, blocks, monkeypatch):
+    """``q [T, 1, 2, 1, 448]`` shared by 2 heads, ``keys [2, 2, 3584, 2, 448]``, LayerNorm with
+    affine, bf16: the kernel within the rule against the fp64 reference, on its default tiles
+    and two others (multiply + row sum; 128-row tl.dot); PDL on at the default tiles."""
+    import ultramem.ops.key_scores as ks  # here: the CPU tests import it for the interpreter
+
+    monkeypatch.setattr(ks._kernels, "BLOCKS", blocks)
+    g = torch.Generator(device="cuda").manual_seed(t)
+    kw = dict(device="cuda", generator=g)
+    q = (torch.randn(t, 1, 2, 1, 448, **kw) + 0.3).bfloat16()
+    keys = (torch.randn(2, 2, 3584, 2, 448, **kw) / 448**0.5).bfloat16()
+    w = (1 + 0.2 * torch.randn(448, **kw)).bfloat16()
+    b = (0.2 * torch.randn(448, **kw)).bfloat16()
+    same = ks.reference.key_scores(q, keys, "layernorm", w, b)
+    exact = ks.reference.key_scores(q.double(), keys.double(), "layernorm", w.double(), b.double())
+    calls = []
+    monkeypatch.setattr(ks._kernels, "key_scores",
+                        lambda *a, _f=ks._kernels.key_scores: calls.append(1) or _f(*a))
+    for pdl in (False, True) if blocks is None else (False,):
+        monkeypatch.setattr(ks._kernels, "USE_PDL", pdl)
+        ours = ks.key_scores(q, keys, "layernorm", w, b, impl="auto")
+        assert calls, "the kernel did not run"
+        for o, s_, x in zip(ours, same, exact):
+            assert o.shape == (1, t, 2, 3584, 2) and o.dtype == torch.bfloat16 and o.is_contiguous()
+            err = (o.double() - x).abs().max().item()
+            base = (s_.double() - x).abs().max().item()
+            assert err <= 2 * base + 1e-6 * x.abs().max().item(), f"pdl {pdl}: {err:.3g} vs {base:.3g}"

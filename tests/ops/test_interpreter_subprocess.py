@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-MODULES = ["test_lookup_reduce.py", "test_retrieval.py", "test_skinny_linear.py"]
+MODULES = ["test_key_scores.py", "test_lookup_reduce.py", "test_retrieval.py", "test_skinny_linear.py"]
 
 
 def _active() -> bool:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.ops.key_scores import key_scores
 from ultramem.ops.retrieval import product_key_topk, tucker_topk
 from ultramem.ops.skinny_linear import skinny_linear
 
@@ -203,31 +204,19 @@ class MemoryRetrieval(nn.Module):
         """``x [T, D] -> (S_row, S_col)``, each ``[Q, T, G, N, r]`` (Q query groups of G heads
         that share a query; head ``h = q*G + g``; r = 1 without TDQKR).
 
-        The two sides are two separate matmuls, not views of one ``[.., 2, N, r]`` tensor: a
-        view's gradient is materialised at the size of the whole tensor, so in training the
-        sparse gradient of each side (only the selected keys' scores) cost two full-size zero
-        fills, copies and an add of the ``[T, H, 2, N, r]`` scores (~2 ms a step at the 151M
-        size, 16 K tokens, on an H200). The heads of one query group are one matmul with the
-        group's keys side by side, so for Q = 1 the result is ``[T, H, N, r]`` contiguous."""
+        Query projection (:func:`skinny_linear`), then the :func:`key_scores` op: query norm
+        and one matmul a side (a fused kernel at decode). Separate sides matter in training:
+        as views of one ``[.., 2, N, r]`` tensor, each side's sparse gradient (only the selected
+        keys' scores) was materialised at the size of both, ~2 ms a step at the 151M size (16 K
+        tokens, H200). BatchNorm (over the whole projection) is applied here, before the op."""
         s, t = self.spec, x.shape[0]
         q = skinny_linear(x, self.query_proj.weight, impl=self.impl)  # F.linear but at decode
-        if isinstance(self.query_norm, nn.BatchNorm1d):
-            q = self.query_norm(q)
+        norm, kind = self.query_norm, s.query_norm
+        if kind == "batchnorm":  # over the whole projection, before the split
+            q, norm, kind = norm(q), None, "none"
         q = q.view(t, s.n_queries, 2, s.query_ranks, s.key_dim)
-        if not isinstance(self.query_norm, nn.BatchNorm1d):
-            q = self.query_norm(q)
-        n_q, g = s.n_queries, s.heads // s.n_queries
-        keys = self.normed_keys(q.dtype).view(n_q, g, 2, s.n_keys, s.sub_keys, s.key_dim)
-        out = []
-        for side in (0, 1):
-            k_side = keys[:, :, side]  # [Q, G, N, r, K]
-            if s.query_ranks == 1:
-                sc = torch.matmul(q[:, :, side, 0].transpose(0, 1),  # [Q, T, K]
-                                  k_side.reshape(n_q, -1, s.key_dim).transpose(1, 2))
-                out.append(sc.view(n_q, t, g, s.n_keys, s.sub_keys))
-            else:  # a query per rank: S[.., n, j] = <q_j, K[n, j]>
-                out.append(torch.einsum("tqjk,qgnjk->qtgnj", q[:, :, side], k_side))
-        return out[0], out[1]
+        return key_scores(q, self.normed_keys(q.dtype), kind, getattr(norm, "weight", None),
+                          getattr(norm, "bias", None), getattr(norm, "eps", None), impl=self.impl)
 
     def train(self, mode: bool = True) -> MemoryRetrieval:
         self._key_cache = None

@@ -1,0 +1,104 @@
+"""Key scores in plain PyTorch: the specification the fused kernel is tested against.
+
+``S_side[g', t, g, n, j] = <norm(q[t, g', side, j if rq == r else 0]), keys[h, side, n, j]>``
+with ``h = g' * G + g`` (G heads per query group).
+
+- SPEC §3.3: heads may share a query (G = 2: heads 2i and 2i+1 use query i); SPEC §3.5: the query norm
+  (LayerNorm / RMSNorm over the key dim K, or none); SPEC §3.7: per-head keys with ``r``
+  sub-keys, one query per rank (``rq = r``) or one shared by all ranks (``rq = 1``).
+- The keys arrive already key-normed (``MemoryRetrieval.normed_keys``, cached at inference).
+
+``MemoryRetrieval.per_rank_scores`` calls the op after the query projection; the two per-side
+tensors are what the retrieval ops take.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMS = ("none", "layernorm", "rmsnorm")
+LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default
+
+
+def resolve_eps(norm: str, eps: float | None, dtype: torch.dtype) -> float:
+    """The epsilon a norm adds to the variance / mean square, ``None`` resolved as PyTorch does.
+
+    - ``layernorm``: ``None`` means 1e-5 (``nn.LayerNorm``'s default; ``F.layer_norm`` itself
+      needs a number).
+    - ``rmsnorm``: ``None`` means the machine epsilon of the type the norm is *computed* in
+      (``nn.RMSNorm(eps=None)``, ``F.rms_norm(eps=None)``): ``torch.finfo(torch.float32).eps``
+      for fp32, bf16 and fp16 inputs (upcast to fp32: aten ``rms_norm`` takes
+      ``numeric_limits<opmath_t>::epsilon()``), ``torch.finfo(torch.float64).eps`` for fp64.
+      Not ``torch.finfo(dtype).eps`` of a bf16 / fp16 input, as the ``nn.RMSNorm`` docstring
+      reads (tests/ops/test_key_scores.py checks this against ``F.rms_norm``).
+    """
+    if eps is not None:
+        return float(eps)
+    if norm == "rmsnorm":
+        return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return LAYERNORM_EPS
+
+
+def check_norm(norm: str, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    """The norm is known and its affine fits it (a bias: layernorm only; a weight: a norm)."""
+    if norm not in NORMS:
+        raise ValueError(f"key_scores: unknown norm {norm!r} (one of {NORMS})")
+    if norm != "layernorm" and bias is not None:
+        raise ValueError(f"key_scores: a bias needs norm='layernorm', not {norm!r}")
+    if norm == "none" and weight is not None:
+        raise ValueError("key_scores: a weight needs a norm")
+
+
+def query_norm(q: torch.Tensor, norm: str, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
+    """``norm`` over the last dim of ``q``, exactly as ``nn.LayerNorm`` / ``nn.RMSNorm``."""
+    check_norm(norm, weight, bias)
+    k = q.shape[-1]
+    if norm == "layernorm":
+        return F.layer_norm(q, (k,), weight, bias, resolve_eps(norm, eps, q.dtype))
+    if norm == "rmsnorm":
+        return F.rms_norm(q, (k,), weight, resolve_eps(norm, eps, q.dtype))
+    return q
+
+
+def key_scores(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    norm: str = "layernorm",
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float | None = LAYERNORM_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column key scores of every head.
+
+    Args:
+        q: ``[T, Q, 2, rq, K]`` raw projected queries (Q query groups, side row / col,
+            ``rq`` = 1 or r query ranks), any float dtype.
+        keys: ``[H, 2, N, r, K]`` per-head keys (key norm already applied), dtype of ``q``;
+            H a multiple of Q: the G = H / Q heads ``q*G .. q*G + G-1`` share query group q.
+        norm: ``"none"`` | ``"layernorm"`` | ``"rmsnorm"`` over K (the query norm, SPEC §3.5).
+        weight, bias: ``[K]`` affine of the norm (bias: layernorm only); None = no affine.
+        eps: see :func:`resolve_eps` (``None``: PyTorch's default of that norm).
+
+    Returns:
+        ``s_row, s_col``, each ``[Q, T, G, N, r]``, dtype of ``q``; for Q = 1 that is
+        ``[T, H, N, r]`` contiguous. Each side is its own matmul (the heads of a query group
+        side by side: ``[T, K] x [K, G*N*r]``), not a view of one ``[.., 2, N, r]`` tensor,
+        whose gradient autograd would materialise at the size of both sides.
+    """
+    t, n_q, _, rq, k = q.shape
+    h, _, n, r, _ = keys.shape
+    g = h // n_q
+    qn = query_norm(q, norm, weight, bias, eps)
+    keys = keys.view(n_q, g, 2, n, r, k)
+    out = []
+    for side in (0, 1):
+        k_side = keys[:, :, side]  # [Q, G, N, r, K]
+        if rq == 1:
+            sc = torch.matmul(qn[:, :, side, 0].transpose(0, 1),  # [Q, T, K]
+                              k_side.reshape(n_q, g * n * r, k).transpose(1, 2))
+            out.append(sc.view(n_q, t, g, n, r))
+        else:  # a query per rank: S[.., n, j] = <q_j, K[n, j]>
+            out.append(torch.einsum("tqjk,qgnjk->qtgnj", qn[:, :, side], k_side))
+    return out[0], out[1]
