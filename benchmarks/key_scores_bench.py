@@ -53,7 +53,7 @@ def inputs(t: int, shape: dict, device: str, dtype: torch.dtype) -> dict:
     kw = dict(device=device, generator=g)
     h, n, r, k = shape["h"], shape["n"], shape["r"], shape["k"]
     return dict(q=torch.randn(t, 1, 2, 1, k, **kw).to(dtype),
-                keys=(torch.randn(h, 2, n, r, k, **kw) / k**0.5).to(dtype),
+                keys=(torch.randn(2, h, n, r, k, **kw) / k**0.5).to(dtype),
                 weight=(1 + 0.1 * torch.randn(k, **kw)).to(dtype),
                 bias=(0.1 * torch.randn(k, **kw)).to(dtype))
 
@@ -196,7 +196,7 @@ def compile_check(args) -> int:
     h, n, r, k = SHAPE["h"], SHAPE["n"], SHAPE["r"], SHAPE["k"]
     fails = 0
     for t in TOKENS:
-        q, keys = torch.empty(t, 1, 2, 1, k, **m), torch.empty(h, 2, n, r, k, **m)
+        q, keys = torch.empty(t, 1, 2, 1, k, **m), torch.empty(2, h, n, r, k, **m)
         w, b, out = torch.empty(k, **m), torch.empty(k, **m), torch.empty(2, 1, t, h, n, r, **m)
         for blocks in [None, *VARIANTS[t]]:
             for pdl in (False, True):
@@ -222,6 +222,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, interpreter")
     ap.add_argument("--compile-check", action="store_true", help="sm_90 compile on the CPU")
     args = ap.parse_args()
+    ksk.USE_KERNEL = True  # off by default in the library (see triton.USE_KERNEL); timed here
     if args.compile_check:
         return compile_check(args)
     if not args.smoke:

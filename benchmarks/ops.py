@@ -217,7 +217,7 @@ class ComposedLayer:
         kw = dict(device=DEV, dtype=BF16)
         self.wq = torch.randn(2 * key_dim, d, **kw) * d**-0.5
         self.lnw, self.lnb = torch.ones(key_dim, **kw), torch.zeros(key_dim, **kw)
-        self.keys = torch.randn(heads, 2, self.n, r, key_dim, **kw) * key_dim**-0.5
+        self.keys = torch.randn(2, heads, self.n, r, key_dim, **kw) * key_dim**-0.5
         cores = torch.randn(hc, r, r, device=DEV)
         uu, _, vh = torch.linalg.svd(cores.sum(0))
         self.cores, self.u, self.v = cores.to(BF16), uu[:, 0].to(BF16), vh[0].to(BF16)

@@ -13,40 +13,12 @@ the same-dtype PyTorch reference's error.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-
-def _import_kernels_interpreted() -> None:
-    """Triton decorates a kernel for the interpreter only if ``TRITON_INTERPRET=1`` is set when
-    its module is imported; conftest.py does that for the other ops' kernels before any test
-    module is collected, this does it for this op's when Triton runs interpreted here."""
-    if "ultramem.ops.key_scores.triton" in sys.modules:
-        return
-    try:
-        import triton.language.standard as std
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return
-    if not isinstance(std.zeros, InterpretedFunction):
-        return
-    preset = os.environ.get("TRITON_INTERPRET") == "1"
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import ultramem.ops.key_scores.triton  # noqa: F401
-    finally:
-        if not preset:
-            del os.environ["TRITON_INTERPRET"]
-
-
-_import_kernels_interpreted()
-
-import ultramem.ops.key_scores as ks  # noqa: E402
-from ultramem.ops.key_scores import key_scores, reference, resolve_eps  # noqa: E402
+import ultramem.ops.key_scores as ks
+from ultramem.ops.key_scores import key_scores, reference, resolve_eps
 
 interpret = pytest.mark.usefixtures("interpret", "interpreted_kernel")
 
@@ -63,6 +35,23 @@ CASES = [
     (1, 1, 2, 5, 1, 1, 20, "none"),
     (64, 2, 2, 37, 3, 3, 40, "none"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):
+    """The kernel is off by default (slower than the reference on an H200): on for these tests."""
+    if ks._kernels is not None:
+        monkeypatch.setattr(ks._kernels, "USE_KERNEL", True)
+
+
+@interpret
+def test_kernel_off_by_default(monkeypatch):
+    spy = _Spy(ks._kernels.key_scores, refuse=True)
+    monkeypatch.setattr(ks._kernels, "key_scores", spy)
+    monkeypatch.setattr(ks._kernels, "USE_KERNEL", False)
+    inputs = _inputs(3, 1, 2, 5, 2, 1, 20, "layernorm")
+    torch.testing.assert_close(key_scores(*inputs, impl="triton"), reference.key_scores(*inputs))
+    assert spy.calls == 0
 
 
 @pytest.fixture
@@ -85,7 +74,7 @@ def assert_rule(ours: torch.Tensor, same: torch.Tensor, exact: torch.Tensor, nam
 def _inputs(t, qg, h, n, r, rq, k, norm, dtype=torch.float32, affine=(True, True)):
     g = torch.Generator().manual_seed(t * 1000 + n * 10 + k + r)
     q = (torch.randn(t, qg, 2, rq, k, generator=g) * 2 + 0.5).to(dtype)  # nonzero mean
-    keys = torch.randn(h, 2, n, r, k, generator=g).to(dtype) / k**0.5
+    keys = torch.randn(2, h, n, r, k, generator=g).to(dtype) / k**0.5
     w = (1 + 0.5 * torch.randn(k, generator=g)).to(dtype) if norm != "none" and affine[0] else None
     b = (0.3 * torch.randn(k, generator=g)).to(dtype) if norm == "layernorm" and affine[1] else None
     return q, keys, norm, w, b
@@ -101,7 +90,7 @@ def _check(inputs, eps=1e-5, name=""):
     ours = key_scores(*inputs, eps=eps, impl="triton")
     same = reference.key_scores(*inputs, eps=eps)
     exact = reference.key_scores(*_f64(*inputs), eps=resolve_eps(inputs[2], eps, inputs[0].dtype))
-    (t, n_q), h, (n, r) = inputs[0].shape[:2], inputs[1].shape[0], inputs[1].shape[2:4]
+    (t, n_q), h, (n, r) = inputs[0].shape[:2], inputs[1].shape[1], inputs[1].shape[2:4]
     for o, s, x, side in zip(ours, same, exact, ("row", "col")):
         assert o.shape == (n_q, t, h // n_q, n, r) and o.dtype == inputs[0].dtype and o.is_contiguous()
         assert_rule(o, s, x, f"{name} s_{side}")
@@ -322,12 +311,13 @@ def test_reference_is_the_modules(norm, rq):
         for p in mod.parameters():
             p.add_(0.3 * torch.randn_like(p))
     q = torch.randn(5, 2, 2, rq, 12) * 1e-3  # small: eps matters; 2 query groups
-    keys = torch.randn(4, 2, 7, 3, 12)  # 4 heads: 2 a group
+    keys = torch.randn(2, 4, 7, 3, 12)  # 4 heads: 2 a group
     head_map = torch.arange(4) // 2
+    kh = keys.transpose(0, 1)  # [H, 2, N, r, K]
     with torch.no_grad():
         qh = mod(q).index_select(1, head_map)
-        want = (torch.einsum("thsk,hsnrk->thsnr", qh[:, :, :, 0], keys) if rq == 1
-                else torch.einsum("thsrk,hsnrk->thsnr", qh, keys))  # [T, H, 2, N, r]
+        want = (torch.einsum("thsk,hsnrk->thsnr", qh[:, :, :, 0], kh) if rq == 1
+                else torch.einsum("thsrk,hsnrk->thsnr", qh, kh))  # [T, H, 2, N, r]
         want = want.view(5, 2, 2, 2, 7, 3).transpose(0, 1)  # [Q, T, G, 2, N, r]
         got = reference.key_scores(q, keys, norm, getattr(mod, "weight", None),
                                    getattr(mod, "bias", None), getattr(mod, "eps", None))

@@ -182,8 +182,9 @@ class MemoryRetrieval(nn.Module):
         self.query_proj = nn.Linear(spec.d_model, spec.query_out, bias=False)
         self.query_norm = nn.BatchNorm1d(spec.query_out) if spec.query_norm == "batchnorm" else _norm(spec.query_norm, spec.key_dim)
         self.key_norm = _norm(spec.key_norm, spec.key_dim)
-        # [H, row/col, N, r, K]: per-head keys, each with r sub-keys (SPEC §3.7)
-        self.keys = nn.Parameter(torch.empty(spec.heads, 2, spec.n_keys, spec.sub_keys, spec.key_dim))
+        # [row/col, H, N, r, K]: per-head keys, each with r sub-keys (SPEC §3.7); side-major, so
+        # each side's keys are one contiguous [H * N * r, K] matrix for the score matmul
+        self.keys = nn.Parameter(torch.empty(2, spec.heads, spec.n_keys, spec.sub_keys, spec.key_dim))
         self.tucker = TuckerCores(spec.cores, spec.tucker_rank) if spec.tucker_rank else None
         self._key_cache: tuple[tuple, torch.Tensor] | None = None  # see normed_keys
 

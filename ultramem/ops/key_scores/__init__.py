@@ -5,7 +5,9 @@ Layers call only :func:`key_scores`. ``impl``: ``"auto"`` | ``"torch"`` | ``"tri
 (or, for tests, ``TRITON_INTERPRET=1`` is set and they are on CPU) and the call suits it;
 otherwise the reference, silently. ``torch`` always runs the reference.
 
-The kernel is for decode and inference only; it has no backward, so there is no autograd
+The kernel is off by default (``triton.USE_KERNEL``: it measured slower than the reference's
+LayerNorm + one batched cuBLAS matmul at decode on an H200); when on, it is for decode and
+inference only; it has no backward, so there is no autograd
 Function: it runs only when no gradient is being recorded for an input
 (``torch.is_grad_enabled()`` and any input ``requires_grad`` -> the reference, whose
 gradients flow through ``F.layer_norm`` / ``F.rms_norm`` and ``einsum``), for
@@ -41,15 +43,15 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 def _check(q: torch.Tensor, keys: torch.Tensor, norm: str,
            weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     check_norm(norm, weight, bias)
-    if q.dim() != 5 or keys.dim() != 5 or q.shape[2] != 2 or keys.shape[1] != 2:
-        raise ValueError(f"key_scores: q [T, Q, 2, rq, K] and keys [H, 2, N, r, K], got "
+    if q.dim() != 5 or keys.dim() != 5 or q.shape[2] != 2 or keys.shape[0] != 2:
+        raise ValueError(f"key_scores: q [T, Q, 2, rq, K] and keys [2, H, N, r, K], got "
                          f"{tuple(q.shape)} and {tuple(keys.shape)}")
     k, r = q.shape[-1], keys.shape[3]
     if keys.shape[-1] != k or q.shape[3] not in (1, r):
         raise ValueError(f"key_scores: K or rq mismatch: q {tuple(q.shape)}, "
                          f"keys {tuple(keys.shape)}")
-    if keys.shape[0] % q.shape[1]:
-        raise ValueError(f"key_scores: the heads H = {keys.shape[0]} must be a multiple of the "
+    if keys.shape[1] % q.shape[1]:
+        raise ValueError(f"key_scores: the heads H = {keys.shape[1]} must be a multiple of the "
                          f"query groups Q = {q.shape[1]} (G = H / Q heads share a query)")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (k,):
@@ -65,7 +67,7 @@ def key_scores(
     eps: float | None = reference.LAYERNORM_EPS,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [T, Q, 2, rq, K]``, ``keys [H, 2, N, r, K]`` -> ``s_row, s_col [Q, T, G, N, r]``
+    """``q [T, Q, 2, rq, K]``, ``keys [2, H, N, r, K]`` -> ``s_row, s_col [Q, T, G, N, r]``
     (dtype of ``q``; G = H / Q heads per query group); see
     :func:`ultramem.ops.key_scores.reference.key_scores`. ``eps=None``: PyTorch's default of
     the norm (:func:`resolve_eps`; pass the module's ``eps`` to match ``nn.LayerNorm`` /
@@ -74,7 +76,7 @@ def key_scores(
         raise ValueError(f"key_scores: unknown impl {impl!r}")
     _check(q, keys, norm, weight, bias)
     tensors = [x for x in (q, keys, weight, bias) if x is not None]
-    use_kernel = (impl != "torch" and triton_available(*tensors)
+    use_kernel = (impl != "torch" and triton_available(*tensors) and _kernels.USE_KERNEL
                   and not _needs_grad(q, keys, weight, bias)
                   and _kernels.supported(q, keys, norm))
     if not use_kernel:

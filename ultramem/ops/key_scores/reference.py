@@ -1,7 +1,7 @@
 """Key scores in plain PyTorch: the specification the fused kernel is tested against.
 
-``S_side[g', t, g, n, j] = <norm(q[t, g', side, j if rq == r else 0]), keys[h, side, n, j]>``
-with ``h = g' * G + g`` (G heads per query group).
+``S_side[g', t, g, n, j] = <norm(q[t, g', side, j if rq == r else 0]), keys[side, h, n, j]>``
+with ``h = g' * G + g`` (G heads per query group); keys are side-major ``[2, H, N, r, K]``.
 
 - SPEC §3.3: heads may share a query (G = 2: heads 2i and 2i+1 use query i); SPEC §3.5: the query norm
   (LayerNorm / RMSNorm over the key dim K, or none); SPEC §3.7: per-head keys with ``r``
@@ -75,30 +75,32 @@ def key_scores(
     Args:
         q: ``[T, Q, 2, rq, K]`` raw projected queries (Q query groups, side row / col,
             ``rq`` = 1 or r query ranks), any float dtype.
-        keys: ``[H, 2, N, r, K]`` per-head keys (key norm already applied), dtype of ``q``;
+        keys: ``[2, H, N, r, K]`` per-head keys, side-major (key norm already applied);
             H a multiple of Q: the G = H / Q heads ``q*G .. q*G + G-1`` share query group q.
         norm: ``"none"`` | ``"layernorm"`` | ``"rmsnorm"`` over K (the query norm, SPEC §3.5).
         weight, bias: ``[K]`` affine of the norm (bias: layernorm only); None = no affine.
         eps: see :func:`resolve_eps` (``None``: PyTorch's default of that norm).
 
     Returns:
-        ``s_row, s_col``, each ``[Q, T, G, N, r]``, dtype of ``q``; for Q = 1 that is
-        ``[T, H, N, r]`` contiguous. Each side is its own matmul (the heads of a query group
-        side by side: ``[T, K] x [K, G*N*r]``), not a view of one ``[.., 2, N, r]`` tensor,
-        whose gradient autograd would materialise at the size of both sides.
+        ``s_row, s_col``, each ``[Q, T, G, N, r]``, dtype of ``q`` (for Q = 1 that is
+        ``[T, H, N, r]``). With one query for all ranks, the heads of a query group are one
+        matmul, ``[T, K] x [K, G*N*r]`` (each side's keys are contiguous). When a gradient is
+        recorded each side is its own matmul: as views of one ``[2, ...]`` result, autograd
+        would materialise each side's (sparse) gradient at the size of both sides; without
+        one, both sides are one batched matmul (one launch).
     """
     t, n_q, _, rq, k = q.shape
-    h, _, n, r, _ = keys.shape
+    _, h, n, r, _ = keys.shape
     g = h // n_q
     qn = query_norm(q, norm, weight, bias, eps)
-    keys = keys.view(n_q, g, 2, n, r, k)
-    out = []
-    for side in (0, 1):
-        k_side = keys[:, :, side]  # [Q, G, N, r, K]
-        if rq == 1:
-            sc = torch.matmul(qn[:, :, side, 0].transpose(0, 1),  # [Q, T, K]
-                              k_side.reshape(n_q, g * n * r, k).transpose(1, 2))
-            out.append(sc.view(n_q, t, g, n, r))
-        else:  # a query per rank: S[.., n, j] = <q_j, K[n, j]>
-            out.append(torch.einsum("tqjk,qgnjk->qtgnj", qn[:, :, side], k_side))
-    return out[0], out[1]
+    if rq > 1:  # a query per rank: S[.., n, j] = <q_j, K[n, j]>
+        kv = keys.view(2, n_q, g, n, r, k)
+        return tuple(torch.einsum("tqjk,qgnjk->qtgnj", qn[:, :, side], kv[side]) for side in (0, 1))
+    kv = keys.view(2, n_q, g * n * r, k).transpose(-1, -2)  # [2, Q, K, G*N*r]
+    q2 = qn[:, :, :, 0].permute(2, 1, 0, 3)  # [2, Q, T, K]
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, keys, weight, bias))
+    if grad:
+        return tuple(torch.matmul(q2[side], kv[side]).view(n_q, t, g, n, r) for side in (0, 1))
+    s = torch.matmul(q2, kv).view(2, n_q, t, g, n, r)
+    return s[0], s[1]

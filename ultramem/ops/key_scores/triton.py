@@ -1,12 +1,12 @@
 """Triton kernel for decode-size key scores: query norm + per-rank key dot products, one launch.
 
 Semantics: :mod:`ultramem.ops.key_scores.reference`. Shapes: ``q [T, Q, 2, rq, K]``,
-``keys [H, 2, N, r, K]`` (contiguous, key-normed) -> ``s_row, s_col`` ``[Q, T, G, N, r]``
+``keys [2, H, N, r, K]`` (contiguous, key-normed) -> ``s_row, s_col`` ``[Q, T, G, N, r]``
 (head ``h = q * G + g`` uses query group ``q``).
 
 The op is one read of the key table (25.7 MB at the 1.6B-x12 size) for at most
 :data:`MAX_T` tokens, so :func:`_key_scores_kernel` is built around that read. The table is
-seen as ``H * 2 * N * r`` rows of K; a program owns ``BLOCK_M`` consecutive rows of one
+seen as ``2 * H * N * r`` rows of K; a program owns ``BLOCK_M`` consecutive rows of one
 (head, side) -- with one query per rank (``rq = r > 1``), of one (head, side, rank): rows
 ``n * r + j`` -- so each key byte is read by exactly one program, grid
 ``(cdiv(rows per group, BLOCK_M), groups)``. Each program loads the queries its rows need (its
@@ -48,6 +48,11 @@ import triton
 import triton.language as tl
 
 MAX_T = 64  # decode batch sizes: the dispatcher takes the reference above this
+# Off by default: on an H200 (2026-11-22, benchmarks/key_scores_bench.py, key-scores-h200.json)
+# the kernel took 10.8 / 11.7 / 11.6 / 17.2 us at T 1 / 4 / 16 / 64 (best tiles) against
+# ~8.5 us for the reference's LayerNorm + one batched cuBLAS matmul over both sides; kept,
+# tested, for other shapes and GPUs (set True to use it).
+USE_KERNEL = False
 MAX_K = 1024  # the row-sum path holds [BLOCK_M, next_pow2(K)] tiles; wider keys: the reference
 USE_PDL = False  # launch with programmatic dependent launch (see the module docstring)
 NORM_CODES = {"none": 0, "layernorm": 1, "rmsnorm": 2}
@@ -214,7 +219,7 @@ def _dot_scores(q_base, k_ptr, k_rows, w_ptr, b_ptr, o_base, mask_m, T, stride_q
 
 @triton.jit
 def _key_scores_kernel(
-    q_ptr, k_ptr, G, w_ptr, b_ptr, out_ptr,
+    q_ptr, k_ptr, G, H, w_ptr, b_ptr, out_ptr,
     T, M, NR, stride_ot, stride_os, stride_oq, stride_qt, stride_qg, stride_qs, stride_qj, eps,
     K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, RQ: tl.constexpr, NORM: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, TB: tl.constexpr,
@@ -235,8 +240,8 @@ def _key_scores_kernel(
     side = hs % 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    # rows of this group within the [H, 2, N*r] row space; the output's (h, n, j) offset
-    k_rows = k_ptr + (hs * NR + j + offs_m * STEP).to(tl.int64) * K  # [BLOCK_M]
+    # rows of this group within the [2, H, N*r] row space
+    k_rows = k_ptr + ((side * H + h) * NR + j + offs_m * STEP).to(tl.int64) * K  # [BLOCK_M]
     g = h // G  # query group of this head
     o_base = out_ptr + side * stride_os + g * stride_oq + (h - g * G) * NR + j + offs_m * STEP
     q_base = q_ptr + g * stride_qg + side * stride_qs + (j if RQ > 1 else 0) * stride_qj
@@ -278,14 +283,14 @@ def supported(q: torch.Tensor, keys: torch.Tensor, norm: str) -> bool:
     r = keys.shape[3]
     return (0 < t <= MAX_T and k <= MAX_K and norm in NORM_CODES and rq in (1, r)
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and keys.dtype == q.dtype and keys.shape[0] > 0)
+            and keys.dtype == q.dtype and keys.shape[1] > 0)
 
 
 def _launch(q, keys, norm, weight, bias, eps, out):
     """``(grid, args, kwargs)`` of :func:`_key_scores_kernel` (also for compile checks on meta
     tensors, benchmarks/key_scores_bench.py)."""
     t, _, _, rq, k = q.shape
-    h, _, n, r, _ = keys.shape
+    _, h, n, r, _ = keys.shape
     cfg = _blocks(t, k, q.dtype == torch.float32)
     per_rank = rq > 1
     m = n if per_rank else n * r
@@ -293,7 +298,7 @@ def _launch(q, keys, norm, weight, bias, eps, out):
     interp = q.device.type == "cpu"
     grid = (triton.cdiv(m, cfg.bm), groups)
     g = h // q.shape[1]  # heads per query group
-    args = (q, keys, g, weight if weight is not None else q,
+    args = (q, keys, g, h, weight if weight is not None else q,
             bias if bias is not None else q, out, t, m, n * r, g * n * r, t * h * n * r,
             t * g * n * r, q.stride(0), q.stride(1), q.stride(2), q.stride(3), eps)
     kwargs = dict(K=k, KP=_pow2(k, 16), R=r, RQ=rq, NORM=NORM_CODES[norm],
@@ -312,7 +317,7 @@ def key_scores(q, keys, norm, weight, bias, eps):
         q = q.contiguous()
     keys = keys.contiguous()
     t, n_q = q.shape[:2]
-    h, _, n, r, _ = keys.shape
+    _, h, n, r, _ = keys.shape
     out = torch.empty(2, n_q, t, h // n_q, n, r, device=q.device, dtype=q.dtype)
     if out.numel():
         grid, args, kwargs = _launch(q, keys, norm, weight, bias, float(eps), out)
