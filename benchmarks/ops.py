@@ -187,6 +187,17 @@ def bench_retrieval(rows_b, heads, n, r, hc, k, m, graph) -> None:
     with knob(rtk, "SELECT_BOUND", False), torch.no_grad():  # the 32-pass select, same run
         ms = timeit(lambda: tucker_topk(s_row, s_col, cores, u, v, k, m, impl="triton"), graph)
     record("tucker_topk", "triton[radix32]", "fwd", shape, ms, nbytes)
+    fn = lambda: tucker_topk(s_row, s_col, cores, u, v, k, m, impl="triton")  # noqa: E731
+    if rows_b * heads <= rtk.FUSED_MAX_ROWS:  # the one-launch kernel against the 3 launches
+        with knob(rtk, "FUSED_MAX_ROWS", 0), torch.no_grad():
+            record("tucker_topk", "triton[3-launch]", "fwd", shape, timeit(fn, graph), nbytes)
+        for warps in (4, 8, 16):
+            with knob(rtk, "FUSED_WARPS", warps), torch.no_grad():
+                record("tucker_topk", f"triton[fused warps {warps}]", "fwd", shape,
+                       timeit(fn, graph), nbytes)
+    else:  # phase 1 in two power-of-two pieces against one padded block
+        with knob(rtk, "PHASE1_SPLIT_BLOCK", False), torch.no_grad():
+            record("tucker_topk", "triton[p1 one block]", "fwd", shape, timeit(fn, graph), nbytes)
     if rows_b * heads <= 256:
         def rec(label, f):
             with torch.no_grad():
@@ -277,6 +288,9 @@ def bench_layer_decode(batches) -> None:
         with knob(rtk, "SELECT_BOUND", False), torch.no_grad():
             ms = timeit(lambda x=x: layer(x, "triton"), graph=b <= 64)
         record("layer_decode", "triton[radix32]", "fwd", shape, ms, nbytes)
+        with knob(rtk, "FUSED_MAX_ROWS", 0), torch.no_grad():  # retrieval in 3 launches
+            ms = timeit(lambda x=x: layer(x, "triton"), graph=b <= 64)
+        record("layer_decode", "triton[3-launch]", "fwd", shape, ms, nbytes)
         if b <= 64:  # where the time goes: CUDA-graph time of each prefix of the stages
             for impl in ("torch", "triton"):
                 for stop in range(1, len(ComposedLayer.STAGES) + 1):
@@ -301,17 +315,20 @@ def bench_train_step() -> None:
     gy = torch.randn(t, layer.wq.shape[1], device=DEV, dtype=BF16)
     shape = {"layer": "ultramem-151m-x12", "T": t, "P": layer.p, "N": layer.n, "m": layer.m}
     nbytes = t * layer.h * layer.m * layer.values.shape[1] * 2 * 3 + layer.values.numel() * 2
-    for impl, method, bound in (("torch", None, True), ("triton", "dense", True),
-                                ("triton", "sort", True), ("triton", "atomic", True),
-                                ("triton", "dense", False)):
+    for impl, method, bound, split in (("torch", None, True, True), ("triton", "dense", True, True),
+                                       ("triton", "sort", True, True),
+                                       ("triton", "atomic", True, True),
+                                       ("triton", "dense", False, True),
+                                       ("triton", "dense", True, False)):
         lr.DV_METHOD = method or lr.DEFAULT_DV_METHOD
 
         def step(impl=impl, layer=layer):
             layer(x, impl).backward(gy)
 
-        with knob(rtk, "SELECT_BOUND", bound):
+        with knob(rtk, "SELECT_BOUND", bound), knob(rtk, "PHASE1_SPLIT_BLOCK", split):
             ms = timeit(step, grad_to_none=layer.params + [x])
-        label = impl + (f"-{method}" if method else "") + ("" if bound else "[radix32]")
+        label = (impl + (f"-{method}" if method else "") + ("" if bound else "[radix32]")
+                 + ("" if split else "[p1 one block]"))
         record("layer_train_step", label, "fwd+bwd", shape, ms, nbytes)
     lr.DV_METHOD = lr.DEFAULT_DV_METHOD
 

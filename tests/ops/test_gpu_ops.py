@@ -171,11 +171,12 @@ def test_key_scores_decode_bf16(t, blocks, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("b", [1, 2, 5, 8])
 @pytest.mark.parametrize("n,k", [(896, 2048), (2048, 4096)])
-def test_skinny_linear_decode_bf16(b, n, k):
+def test_skinny_linear_decode_bf16(b, n, k, monkeypatch):
     """The decode projections of the 1.6B-x12 layer in bf16: the kernel within twice the error
     of cuBLAS's ``F.linear`` against fp64 (plus one bf16 ulp for the output rounding)."""
     import ultramem.ops.skinny_linear as sl
 
+    monkeypatch.setattr(sl._kernels, "MAX_ROWS", sl._kernels.KERNEL_MAX_ROWS)  # default: 1 row
     g = torch.Generator(device="cuda").manual_seed(b * n)
     x = torch.randn(b, k, device="cuda", generator=g).bfloat16()
     w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).bfloat16()
@@ -186,3 +187,77 @@ def test_skinny_linear_decode_bf16(b, n, k):
     base = (F.linear(x, w).double() - exact).abs().max().item()
     err = (ours.double() - exact).abs().max().item()
     assert err <= 2 * base + exact.abs().max().item() * 2**-8, (err, base)
+
+
+def _uv_gpu(cores):
+    uu, _, vh = torch.linalg.svd(cores.sum(0))
+    return uu[:, 0].contiguous(), vh[0].contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [2, 8, 128])
+def test_fused_retrieval_gpu(rows, dtype, monkeypatch):
+    """The one-launch fused kernel at the 1.6B decode size (rows = B x 2 heads, N 3584, r 2,
+    h_c 2, k 42, m 42, the IVE map with P = N^2 / 4): against the reference on the fp32-upcast
+    inputs (summed scores as sorted lists, >= 99 % of addresses), the address map exactly,
+    and against the three-launch path (same addresses and scores up to rounding)."""
+    import ultramem.ops.retrieval.triton as rtk
+
+    n, r, h_c, k, m = 3584, 2, 2, 42, 42
+    p = n * n // 4
+    monkeypatch.setattr(rtk, "FUSED_MAX_ROWS", 256)  # off by default (slower on H200)
+    assert rtk._fused_applies(rows, n, k, m)
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    s_row = torch.randn(rows, n, r, device="cuda", generator=g).to(dtype)
+    s_col = torch.randn(rows, n, r, device="cuda", generator=g).to(dtype)
+    cores = torch.randn(h_c, r, r, device="cuda", generator=g)
+    u, v = _uv_gpu(cores)
+    perm = torch.randperm(n * n, device="cuda", generator=g).to(torch.int32)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    s_ref, a_ref = reference.tucker_topk(s_row.float(), s_col.float(), cores, u, v, k, m)
+    fused = rtk.topk_ive(s_row, s_col, cores, u, v, k, m, False, perm, p, path="fused")
+    three = rtk.topk_ive(s_row, s_col, cores, u, v, k, m, False, perm, p, path="launches")
+    for s_k, a_k in ((fused[0], fused[1]), (three[0], three[1])):
+        torch.testing.assert_close(s_k.float().sum(-1).sort(-1).values,
+                                   s_ref.sum(-1).sort(-1).values, rtol=tol, atol=tol)
+        same = (a_k.sort(-1).values == a_ref.sort(-1).values).float().mean().item()
+        assert same >= 0.99, f"selected set differs in {1 - same:.3%} of slots"
+    same = (fused[1].sort(-1).values == three[1].sort(-1).values).float().mean().item()
+    assert same >= 0.99, f"fused vs launches: {1 - same:.3%} of slots differ"
+    r_ref, b_ref = reference.ive_address(fused[1], perm, p)
+    assert torch.equal(fused[2], r_ref) and torch.equal(fused[3], b_ref)
+    assert torch.equal(three[2], reference.ive_address(three[1], perm, p)[0])
+    # product keys
+    pk = rtk.topk(s_row[..., 0].contiguous(), s_col[..., 0].contiguous(), None, None, None, k, m,
+                  True, path="fused")
+    p_ref, _ = reference.product_key_topk(s_row[..., 0].float(), s_col[..., 0].float(), k, m)
+    torch.testing.assert_close(pk[0].float().sort(-1).values, p_ref.sort(-1).values, rtol=tol,
+                               atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phase1_two_pieces_gpu(dtype, monkeypatch):
+    """Phase 1 at the 151M training size (32 K rows, N 2200 in two pieces 2048 + 256, k 16):
+    exactly the one-block kernel's selection (same scores, same tie rule), and the whole
+    three-launch retrieval (m 16) against the reference."""
+    import ultramem.ops.retrieval.triton as rtk
+
+    rows, n, r, h_c, k, m = 32768, 2200, 2, 2, 16, 16
+    assert rtk._pieces(n, k, True) == (2048, 256)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    s_row = torch.randn(rows, n, r, device="cuda", generator=g).to(dtype)
+    s_col = torch.randn(rows, n, r, device="cuda", generator=g).to(dtype)
+    cores = torch.randn(h_c, r, r, device="cuda", generator=g)
+    u, v = _uv_gpu(cores)
+    monkeypatch.setattr(rtk, "PHASE1_SPLIT_BLOCK", True)
+    two = rtk.phase1_select(s_row, s_col, u, v, k, False)
+    s_k, a_k = rtk.topk(s_row, s_col, cores, u, v, k, m, False, path="launches")
+    monkeypatch.setattr(rtk, "PHASE1_SPLIT_BLOCK", False)
+    one = rtk.phase1_select(s_row, s_col, u, v, k, False)
+    assert torch.equal(two.sort(-1).values, one.sort(-1).values)
+    s_ref, a_ref = reference.tucker_topk(s_row.float(), s_col.float(), cores, u, v, k, m)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(s_k.float().sum(-1).sort(-1).values, s_ref.sum(-1).sort(-1).values,
+                               rtol=tol, atol=tol)
+    same = (a_k.sort(-1).values == a_ref.sort(-1).values).float().mean().item()
+    assert same >= 0.99, f"selected set differs in {1 - same:.3%} of slots"

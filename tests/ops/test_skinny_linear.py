@@ -19,6 +19,14 @@ SHAPES = [((1,), 20, 7), ((3,), 100, 33), ((2, 1), 1030, 5), ((8,), 64, 16), ((5
           ((1, 1), 2048, 9)]
 
 
+@pytest.fixture(autouse=True)
+def _all_kernel_rows(monkeypatch):
+    """The dispatcher sends one row to the kernel by default (a loss above, on H200); the
+    kernel handles up to KERNEL_MAX_ROWS: test all of them."""
+    if sl._kernels is not None:
+        monkeypatch.setattr(sl._kernels, "MAX_ROWS", sl._kernels.KERNEL_MAX_ROWS)
+
+
 def _kernel_calls(monkeypatch) -> list:
     calls = []
     real = sl._kernels.skinny_linear

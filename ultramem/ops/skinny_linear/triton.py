@@ -11,8 +11,8 @@ BLOCK_K]`` tile and are reduced across lanes once, after the loop (reducing ever
 dot product would, measured 2x slower); the next step's weight tile is loaded before the
 current one is used. Measured in the same probe: 4.2 µs warm / 7.7 µs cold for the output
 projection and 2.5 / 3.8 µs for the query projection (cuBLAS 7.8 / 8.0) at one row. With more
-rows cuBLAS's tensor-core GEMM wins (64 rows: 5.3 µs against 8.0 for a dot-based variant), so
-the dispatcher sends only up to :data:`MAX_ROWS` rows here.
+rows cuBLAS wins (4 rows: ~26 µs against ~8 for the output projection; 64 rows: 5.3 µs against
+8.0 for a dot-based variant), so the dispatcher sends only :data:`MAX_ROWS` (1) row here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 8  # rows (tokens) up to which the kernel is used; above it cuBLAS is faster
+# rows (tokens) up to which the dispatcher uses the kernel. Measured on H200 (ops-h200.json,
+# layer_decode_prefix): a win at one row (query projection 2.8 us vs 7.4 for cuBLAS), a loss at
+# four (output projection ~26 us vs ~8: the [4, 2, 256] accumulator tiles are too small a step);
+# the kernel handles up to KERNEL_MAX_ROWS rows (tests raise MAX_ROWS to cover them).
+MAX_ROWS = 1
+KERNEL_MAX_ROWS = 8
 
 
 def _blocks(rows: int) -> tuple[int, int, int]:
