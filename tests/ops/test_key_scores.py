@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from op_rules import assert_rule
 
 import ultramem.ops.key_scores as ks
 from ultramem.ops.key_scores import key_scores, reference, resolve_eps
@@ -61,14 +62,6 @@ def interpreted_kernel():
 
     if not isinstance(ks._kernels._key_scores_kernel, InterpretedFunction):
         pytest.skip("ultramem.ops.key_scores.triton was imported without TRITON_INTERPRET=1")
-
-
-def assert_rule(ours: torch.Tensor, same: torch.Tensor, exact: torch.Tensor, name: str) -> None:
-    """``|ours - exact| <= 2 |same - exact| + tiny`` (max norms)."""
-    err = (ours.double() - exact).abs().max().item()
-    base = (same.double() - exact).abs().max().item()
-    scale = exact.abs().max().item() + 1e-12
-    assert err <= 2 * base + 1e-6 * scale, f"{name}: kernel err {err:.3g} vs reference err {base:.3g}"
 
 
 def _inputs(t, qg, h, n, r, rq, k, norm, dtype=torch.float32, affine=(True, True)):

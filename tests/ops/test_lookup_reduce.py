@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_rules import assert_rule
 
 import ultramem.ops.lookup_reduce as lr
 from ultramem.ops.lookup_reduce import lookup_reduce, reference
@@ -32,14 +33,6 @@ CASES = [
     (5, 33, 13, 36, 2, 4, 7, "gelu"),
     (9, 17, 300, 96, 2, 4, 32, "silu"),
 ]
-
-
-def assert_rule(ours: torch.Tensor, same: torch.Tensor, exact: torch.Tensor, name: str) -> None:
-    """``|ours - exact| <= 2 |same - exact| + tiny`` (max norms)."""
-    err = (ours.double() - exact).abs().max().item()
-    base = (same.double() - exact).abs().max().item()
-    scale = exact.abs().max().item() + 1e-12
-    assert err <= 2 * base + 1e-6 * scale, f"{name}: kernel err {err:.3g} vs reference err {base:.3g}"
 
 
 def _inputs(t, n, p, d_v, h_c, e, d_p, dtype=torch.float32, squeeze=False):
