@@ -68,6 +68,37 @@ def cold_graph_time(fn: Callable, flush_bytes: int = 128 << 20, calls: int = 10)
     return graph_time(both, calls=calls) - graph_time(buf.zero_, calls=calls)
 
 
+_PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16",
+        torch.int64: "*i64", torch.int32: "*i32"}
+
+
+def compile_sm90(fn, args: tuple, kwargs: dict):
+    """Compile ``fn[grid](*args, **kwargs)`` for sm_90 without a GPU, as the JIT would
+    specialise that launch: tensors as pointers of their dtype (16-divisible), floats as fp32,
+    integers equal to 1 as constants, other integers as i32 (16-divisible where they are);
+    ``num_warps`` / ``maxnreg`` / ``launch_pdl`` are options, every other keyword a constexpr."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "maxnreg", "launch_pdl") if k in kwargs}
+    sig, consts, attrs = {}, dict(kwargs), {}
+    for i, (nm, a) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(a, torch.Tensor):
+            sig[nm], attrs[(i,)] = _PTR[a.dtype], [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[nm] = "fp32"
+        elif a == 1:
+            sig[nm], consts[nm] = "constexpr", 1
+        else:
+            sig[nm] = "i32"
+            if a % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig.update({nm: "constexpr" for nm in kwargs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
 def warm_up(seconds: float, device: str = "cuda") -> None:
     """Keep the GPU busy so that clocks have ramped before timing (no-op on the CPU)."""
     if device == "cpu":

@@ -132,36 +132,6 @@ def bench_tokens(t: int, smoke: bool) -> None:
 
 
 # ---- compile check: sm_90 from the CPU ---------------------------------------------------------
-_PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16",
-        torch.int64: "*i64"}
-
-
-def compile_sm90(args: tuple, kwargs: dict):
-    """Compile :func:`_key_scores_kernel` for sm_90 as its JIT would specialise this launch
-    (pointer dtypes, 16-divisible integers, integers equal to 1 as constants)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = ksk._key_scores_kernel
-    kwargs = dict(kwargs)
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "launch_pdl") if k in kwargs}
-    sig, consts, attrs = {}, dict(kwargs), {}
-    for i, (nm, a) in enumerate(zip(fn.arg_names, args)):
-        if isinstance(a, torch.Tensor):
-            sig[nm], attrs[(i,)] = _PTR[a.dtype], [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            sig[nm] = "fp32"
-        elif a == 1:
-            sig[nm], consts[nm] = "constexpr", 1
-        else:
-            sig[nm] = "i32"
-            if a % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    sig.update({nm: "constexpr" for nm in kwargs})
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-
-
 def usage(ck) -> str:
     """Registers / stack / local memory of the cubin (cuobjdump) and the spill bytes of
     ``ptxas -v`` (the ptxas this Triton uses for sm_90) on its PTX."""
@@ -204,7 +174,7 @@ def compile_check(args) -> int:
                 cfg = ksk._blocks(t, k)
                 grid, a, kw = ksk._launch(q, keys, "layernorm", w, b, 1e-5, out)
                 try:
-                    res = usage(compile_sm90(a, kw))
+                    res = usage(_bench.compile_sm90(ksk._key_scores_kernel, a, kw))
                 except Exception as exc:  # noqa: BLE001 -- report every failing config
                     fails += 1
                     res = "FAIL " + " | ".join(str(exc).splitlines()[:3])

@@ -722,35 +722,6 @@ def selected(args) -> list[tuple[str, list[Cfg]]]:
 
 
 # ---- compile-only: sm_90 from the CPU, and the GPU run's parallel warm-up ----------------------
-_PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32",
-        torch.float16: "*fp16"}
-
-
-def _compile_sm90(fn, args, kwargs):
-    """Compile ``fn[grid](*args, **kwargs)`` for sm_90 without a GPU, with the JIT's
-    specialisation of such a launch (pointer dtypes, 16-divisibility, integers equal to 1)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kwargs = dict(kwargs)
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "maxnreg") if k in kwargs}
-    sig, consts, attrs = {}, dict(kwargs), {}
-    for i, (nm, a) in enumerate(zip(fn.arg_names, args)):
-        if isinstance(a, torch.Tensor):
-            sig[nm] = _PTR[a.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a == 1:
-            sig[nm], consts[nm] = "constexpr", 1
-        else:
-            sig[nm] = "i32"
-            if a % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    for nm in kwargs:
-        sig[nm] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-
-
 def compile_sm90(job) -> tuple[str, str, str]:
     """Compile one ``(shape, cfg)`` for sm_90 without a GPU: ``(shape, name, result)``."""
     shape, cfg = job
@@ -760,7 +731,7 @@ def compile_sm90(job) -> tuple[str, str, str]:
         return shape, cfg.name, "skip: " + why
     _, args, kwargs = kernel_call(cfg, pb, new_out(pb))
     try:
-        ck = _compile_sm90(_sweep_kernel, args, kwargs)
+        ck = _bench.compile_sm90(_sweep_kernel, args, kwargs)
         return shape, cfg.name, "ok " + resource_usage(ck.asm.get("cubin"))
     except Exception as exc:  # noqa: BLE001 -- report every failing variant
         return shape, cfg.name, "FAIL " + first_lines(exc)
@@ -824,7 +795,7 @@ def compile_prod(job) -> tuple[str, str, str]:
                                                   new_out(pb))
             finally:
                 lrk.FWD_BLOCKS = None
-            ck = _compile_sm90(lrk._fwd_kernel, args, kwargs)
+            ck = _bench.compile_sm90(lrk._fwd_kernel, args, kwargs)
         return shape, label, ("ok " + resource_usage(ck.asm.get("cubin")) + "; "
                               + loop_sync(ck.asm.get("ptx", "")))
     except Exception as exc:  # noqa: BLE001
@@ -852,7 +823,7 @@ def _compile_old(pb: Problem):
     kwargs = dict(HC=hc, DC=d_v // hc, E=e, E_PAD=_p2(e), HAS_PRE=has_pre, ACT=ACT_CODES[pb.act],
                   BLOCK_N=bn, BLOCK_D=bd, BLOCK_P=_p2(d_p, 16, 64 if has_pre and bn > 16 else 128),
                   num_warps=w)
-    return _compile_sm90(_old_fwd_kernel, args, kwargs)
+    return _bench.compile_sm90(_old_fwd_kernel, args, kwargs)
 
 
 def compile_check_prod(args) -> int:
