@@ -525,6 +525,21 @@ def _dv_chunk_heads(srt_ptr, start_ptr, end_ptr, N_CHUNK, PIECE: tl.constexpr,
 
 
 @triton.jit
+def _dv_cols(D_V, DC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's column tile of the value gradient: ``(offs_d, mask_d, core of each
+    column, core of the tile's first column)`` (MCS cores are ``DC`` columns wide)."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return offs_d, offs_d < D_V, offs_d // DC, (tl.program_id(1) * BLOCK_D) // DC
+
+
+@triton.jit
+def _dv_chunk_at(sel, cs, st, en):
+    """Chunk id and its segment's ``[start, end)`` at the one lane ``sel`` of the chunk walk."""
+    return (tl.sum(tl.where(sel, cs, 0), axis=0), tl.sum(tl.where(sel, st, 0), axis=0),
+            tl.sum(tl.where(sel, en, 0), axis=0))
+
+
+@triton.jit
 def _dv_hot_kernel(
     srt_ptr, start_ptr, end_ptr, gsrc_ptr, wsrt_ptr, go_ptr, carry_ptr, N_CHUNK, D_V,
     HC: tl.constexpr, DC: tl.constexpr, PIECE: tl.constexpr, ONE_CORE: tl.constexpr,
@@ -544,15 +559,10 @@ def _dv_hot_kernel(
     need = mc & (en - st > PIECE) & (cs * PIECE > st)
     if tl.sum(need.to(tl.int32), axis=0) > 0:
         offs_i = tl.arange(0, CPB)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D_V
-        core = offs_d // DC
-        core0 = (tl.program_id(1) * BLOCK_D) // DC
+        offs_d, mask_d, core, core0 = _dv_cols(D_V, DC, BLOCK_D)
         for i in range(0, CPB):
             if tl.sum((need & (offs_i == i)).to(tl.int32), axis=0) > 0:
-                c = tl.sum(tl.where(offs_i == i, cs, 0), axis=0)
-                st_i = tl.sum(tl.where(offs_i == i, st, 0), axis=0)
-                en_i = tl.sum(tl.where(offs_i == i, en, 0), axis=0)
+                c, st_i, en_i = _dv_chunk_at(offs_i == i, cs, st, en)
                 hi = tl.minimum(c * PIECE + PIECE, en_i)
                 acc = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
                 for s0 in range(tl.maximum(c * PIECE, st_i + PIECE), hi, SUB):
@@ -578,15 +588,10 @@ def _dv_combine_kernel(
     own = mc & (en - st > PIECE) & (cs == st // PIECE + 1)
     if tl.sum(own.to(tl.int32), axis=0) > 0:
         offs_i = tl.arange(0, CPB)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D_V
-        core = offs_d // DC
-        core0 = (tl.program_id(1) * BLOCK_D) // DC
+        offs_d, mask_d, core, core0 = _dv_cols(D_V, DC, BLOCK_D)
         for i in range(0, CPB):
             if tl.sum((own & (offs_i == i)).to(tl.int32), axis=0) > 0:
-                c = tl.sum(tl.where(offs_i == i, cs, 0), axis=0)
-                st_i = tl.sum(tl.where(offs_i == i, st, 0), axis=0)
-                en_i = tl.sum(tl.where(offs_i == i, en, 0), axis=0)
+                c, st_i, en_i = _dv_chunk_at(offs_i == i, cs, st, en)
                 acc = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
                 for s0 in range(st_i, st_i + PIECE, SUB):
                     pos = s0 + tl.arange(0, SUB)
@@ -629,10 +634,7 @@ def _dv_dense_kernel(
     hot = cnt > PIECE
     cnt = tl.where(hot, 0, cnt)
     n_max = tl.max(cnt, axis=0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D_V
-    core = offs_d // DC
-    core0 = (tl.program_id(1) * BLOCK_D) // DC
+    offs_d, mask_d, core, core0 = _dv_cols(D_V, DC, BLOCK_D)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for j in range(0, n_max, UNROLL):
         for u in tl.static_range(UNROLL):
