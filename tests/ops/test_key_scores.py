@@ -21,7 +21,7 @@ from op_rules import assert_rule
 import ultramem.ops.key_scores as ks
 from ultramem.ops.key_scores import key_scores, reference, resolve_eps
 
-interpret = pytest.mark.usefixtures("interpret", "interpreted_kernel")
+interpret = pytest.mark.usefixtures("interpret")
 
 # (T, Q, H, N, r, rq, K, norm): Q = 1 with H = 2 shares the query (the 1.6B-x12 layout, K 448
 # scaled to 40), Q = H one query per head
@@ -53,15 +53,6 @@ def test_kernel_off_by_default(monkeypatch):
     inputs = _inputs(3, 1, 2, 5, 2, 1, 20, "layernorm")
     torch.testing.assert_close(key_scores(*inputs, impl="triton"), reference.key_scores(*inputs))
     assert spy.calls == 0
-
-
-@pytest.fixture
-def interpreted_kernel():
-    """Skip if this op's kernel module was imported before Triton's interpreter mode."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(ks._kernels._key_scores_kernel, InterpretedFunction):
-        pytest.skip("ultramem.ops.key_scores.triton was imported without TRITON_INTERPRET=1")
 
 
 def _inputs(t, qg, h, n, r, rq, k, norm, dtype=torch.float32, affine=(True, True)):

@@ -28,7 +28,7 @@ output (``s_row, s_col`` are its halves). Two paths, by the tile's ``TB`` (token
 launch (``launch_pdl=True``). The row-sum path requests its key tile (and the norm affine) *before* ``gdc_wait()`` and loads the queries after it; the dot path, whose key
 loads are Triton's pipelined loop, prefetches its key rows into L2 before the wait. Either way
 the key read overlaps the tail of the preceding kernel (the query projection). Valid only when
-the keys, head map and norm parameters were not written by the kernel just before in the
+the keys and norm parameters were not written by the kernel just before in the
 stream (the layer's key cache is filled once, long before decoding). Off under the
 interpreter (no grid dependencies there).
 
