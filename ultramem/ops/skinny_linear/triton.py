@@ -11,7 +11,7 @@ BLOCK_K]`` tile and are reduced across lanes once, after the loop (reducing ever
 dot product would, measured 2x slower); the next step's weight tile is loaded before the
 current one is used. Measured in the same probe: 4.2 µs warm / 7.7 µs cold for the output
 projection and 2.5 / 3.8 µs for the query projection (cuBLAS 7.8 / 8.0) at one row. With more
-rows cuBLAS wins (4 rows: ~26 µs against ~8 for the output projection; 64 rows: 5.3 µs against
+rows cuBLAS wins (4 rows: 25.8 µs against 11.9 for the output projection; 64 rows: 5.3 µs against
 8.0 for a dot-based variant), so the dispatcher sends only :data:`MAX_ROWS` (1) row here.
 """
 
@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-# rows (tokens) up to which the dispatcher uses the kernel. Measured on H200 (ops-h200.json,
-# layer_decode_prefix): a win at one row (query projection 2.8 us vs 7.4 for cuBLAS), a loss at
-# four (output projection ~26 us vs ~8: the [4, 2, 256] accumulator tiles are too small a step);
+# rows (tokens) up to which the dispatcher uses the kernel. Measured on H200 (layer_decode_prefix
+# rows): a win at one row (query projection 2.7 us vs 7.3 for cuBLAS, ops-h200.json), a loss at
+# four (output projection 25.8 us vs 11.9 for cuBLAS in the final run; ops-h200-first-run.json
+# and ops-h200.json: the [4, 2, 256] accumulator tiles are too small a step);
 # the kernel handles up to KERNEL_MAX_ROWS rows (tests raise MAX_ROWS to cover them).
 MAX_ROWS = 1
 KERNEL_MAX_ROWS = 8
