@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ultramem.config import Config, ConfigError, apply_override, load_config
+from ultramem.config import Config, apply_override, load_config
+from ultramem.errors import ConfigError
 from ultramem.layers.moe import MoEConfig
 from ultramem.layers.pkm import PKMConfig
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ultramem.config import ConfigError
+from ultramem.errors import ConfigError
 from ultramem.layers.pkm import PKMConfig
 from ultramem.model.placement import Span, parse_placement
 

@@ -1,6 +1,7 @@
 """ultramem: language models with ultra-sparse memory layers (UltraMem, UltraMemV2) and baselines."""
 
-from ultramem.config import Config, ConfigError, ModelConfig, load_config
+from ultramem.config import Config, ModelConfig, load_config
+from ultramem.errors import ConfigError
 
 __version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "__version__"]

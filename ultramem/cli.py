@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from ultramem.errors import ConfigError
+
 COMMANDS = (
     "ultramem.info",
     "ultramem.data.cli",
@@ -30,7 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ultramem.config import ConfigError  # noqa: PLC0415
 
     args = build_parser().parse_args(argv)
     try:

@@ -22,12 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ultramem.errors import ConfigError
 from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.registry import LayerConfig, layer_config_class, layer_types
-
-
-class ConfigError(ValueError):
-    """A config value is invalid. The message names the field, the value and what is allowed."""
 
 
 @dataclass

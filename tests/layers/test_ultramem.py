@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ultramem.config import ConfigError
+from ultramem.errors import ConfigError
 from ultramem.layers.memory_common import value_lr_multiplier
 from ultramem.layers.pkm import PKMConfig
 from ultramem.layers.registry import ShapeContext

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ultramem.config import ConfigError
+from ultramem.errors import ConfigError
 from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.registry import ShapeContext
 from ultramem.layers.ultramem_v2 import UltraMemV2Config, ring_rows

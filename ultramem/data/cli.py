@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ultramem.config import DataConfig
-from ultramem.data.corpus import EOT, DataError, Document, default_corpus, read_file, read_source_tree
+from ultramem.data.corpus import EOT, Document, default_corpus, read_file, read_source_tree
 from ultramem.data.prepare import prepare_documents, prepare_npy, unigram_entropy
 from ultramem.data.tokenizer import DEFAULT_VOCAB, Tokenizer, train_tokenizer
+from ultramem.errors import DataError
 
 SLICE_BYTES = 900_000
 

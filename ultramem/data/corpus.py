@@ -21,16 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ultramem.errors import DataError
+
 EOT = "<|endoftext|>"  # document separator in .txt files and the tokenizer's special token
 SOURCE_SUFFIXES = (
     ".py", ".pyi", ".md", ".rst", ".txt", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".rs", ".go",
     ".js", ".ts", ".java", ".sh", ".toml", ".cfg", ".ini", ".yaml", ".yml", ".json", ".html",
 )
 MIN_PSEUDO_DOC_CHARS = 4096  # a .txt without separators is cut at blank lines into >= this
-
-
-class DataError(ValueError):
-    """Bad data input: the message names the file and what is wrong with it."""
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ultramem.data.corpus import DataError
 from ultramem.data.prepare import load_index, open_tokens
+from ultramem.errors import DataError
 
 
 def split_tokens(path: str | Path, split: str) -> list[np.ndarray]:

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ultramem.data.corpus import DataError, Document
+from ultramem.data.corpus import Document
 from ultramem.data.tokenizer import Tokenizer
+from ultramem.errors import DataError
 
 INDEX = "index.json"
 FORMAT_VERSION = 1

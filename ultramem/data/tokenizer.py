@@ -18,7 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from ultramem.data.corpus import EOT, DataError
+from ultramem.data.corpus import EOT
+from ultramem.errors import DataError
 
 DEFAULT_VOCAB = 8192
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ultramem.data.corpus import DataError, read_file
+from ultramem.data.corpus import read_file
 from ultramem.data.loader import TokenBatches
 from ultramem.data.prepare import INDEX, load_index, prepare_documents
+from ultramem.errors import CheckpointError, DataError
 from ultramem.eval.loss import bits_per_byte, evaluate_loss
 from ultramem.inference.load import load_run
-from ultramem.train.checkpoint import CheckpointError
 from ultramem.train.trainer import check_vocab
 
 

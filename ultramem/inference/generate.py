@@ -13,10 +13,9 @@ import sys
 
 import torch
 
-from ultramem.data.corpus import DataError
+from ultramem.errors import CheckpointError, DataError
 from ultramem.inference.load import load_run
 from ultramem.model.transformer import Transformer
-from ultramem.train.checkpoint import CheckpointError
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ultramem.config import Config
-from ultramem.data.corpus import DataError
 from ultramem.data.tokenizer import Tokenizer
+from ultramem.errors import DataError
 from ultramem.model.transformer import Transformer
 from ultramem.train import checkpoint as ckpt
 

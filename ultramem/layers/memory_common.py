@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import ShapeContext
 from ultramem.layers.tdqkr import KEY_NORMS, QUERY_NORMS
@@ -61,7 +62,6 @@ def value_lr_multiplier(mult: float, decay_frac: float) -> Callable[[int, int], 
 def check_common(cfg: Any, shape: ShapeContext, where: str, n: int, k: int) -> None:
     """Checks shared by ``ultramem`` and ``ultramem_v2`` configs (``n`` keys per side, ``k``
     phase-1 candidates); raises ConfigError."""
-    from ultramem.config import ConfigError  # noqa: PLC0415
 
     for name in ("knum", "key_dim", "heads", "topk", "expansion", "cores"):
         if getattr(cfg, name) <= 0:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 
@@ -24,7 +25,6 @@ class MLPConfig(LayerConfig):
     out_init_scaled: bool = True  # output proj std / sqrt(2 L), GPT-2 style
 
     def validate(self, shape: ShapeContext, where: str) -> None:
-        from ultramem.config import ConfigError  # noqa: PLC0415
 
         if self.hidden <= 0:
             raise ConfigError(f"{where}.hidden={self.hidden} must be a positive integer")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 
@@ -38,7 +39,6 @@ class MoEConfig(LayerConfig):
     impl: str = "auto"  # "auto" | "grouped_mm" | "loop"
 
     def validate(self, shape: ShapeContext, where: str) -> None:
-        from ultramem.config import ConfigError  # noqa: PLC0415
 
         for name in ("n_experts", "top_k", "hidden"):
             if getattr(self, name) <= 0:

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ultramem.errors import ConfigError
 from ultramem.layers.registry import LayerConfig, ShapeContext
 from ultramem.ops.retrieval import product_key_topk
 
@@ -21,7 +22,6 @@ QUERY_NORMS = ("batchnorm", "layernorm", "none")
 
 def check_product_keys(cfg: LayerConfig, where: str) -> None:
     """Shared validation of product-key fields (n_keys, key_dim, heads, topk, k, query_norm)."""
-    from ultramem.config import ConfigError  # noqa: PLC0415
 
     for name in ("n_keys", "key_dim", "heads", "topk"):
         if getattr(cfg, name) <= 0:

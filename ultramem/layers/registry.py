@@ -16,6 +16,8 @@ import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ultramem.errors import ConfigError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -115,7 +117,6 @@ def layer_types(role: str | None = None) -> list[str]:
 def layer_config_class(name: str, where: str = "type") -> type[LayerConfig]:
     _ensure_loaded()
     if name not in _REGISTRY:
-        from ultramem.config import ConfigError  # noqa: PLC0415
 
         near = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]!r}?" if near else ""

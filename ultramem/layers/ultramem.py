@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ultramem.errors import ConfigError
 from ultramem.layers.base import ParamGroupHint
 from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
@@ -102,7 +103,6 @@ class UltraMemConfig(LayerConfig):
         return 2 * macs
 
     def validate(self, shape: ShapeContext, where: str) -> None:
-        from ultramem.config import ConfigError  # noqa: PLC0415
 
         check_common(self, shape, where, self.n_keys(), self.k or self.topk)
         e = self.expansion

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.errors import ConfigError
 from ultramem.layers.base import ParamGroupHint
 from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
@@ -119,7 +120,6 @@ class UltraMemV2Config(LayerConfig):
         return 2 * (self.spec(shape).macs() + shape.d_model * (self.dp(shape) + self.dv(shape)) + sel)
 
     def validate(self, shape: ShapeContext, where: str) -> None:
-        from ultramem.config import ConfigError  # noqa: PLC0415
 
         if not 0.0 < self.share_ratio <= 1.0:
             raise ConfigError(f"{where}.share_ratio={self.share_ratio}; allowed: 0 < share_ratio <= 1")

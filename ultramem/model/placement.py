@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ultramem.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Span:
@@ -23,7 +25,6 @@ class Span:
 
 def parse_placement(text: str, n_layers: int, memory_cfg: Any = None) -> list[Span]:
     """Parse and check a placement string; raise ConfigError with the offending part."""
-    from ultramem.config import ConfigError  # noqa: PLC0415
 
     where = "model.memory.placement"
     text = (text or "").strip()
@@ -62,7 +63,6 @@ def parse_placement(text: str, n_layers: int, memory_cfg: Any = None) -> list[Sp
 
 
 def _check_overlaps(spans: list[Span], text: str, memory_cfg: Any) -> None:
-    from ultramem.config import ConfigError  # noqa: PLC0415
 
     dupes = sorted({str(s) for s in spans if spans.count(s) > 1})
     if dupes:

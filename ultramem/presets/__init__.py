@@ -11,7 +11,8 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ultramem.config import Config, ConfigError
+from ultramem.config import Config
+from ultramem.errors import ConfigError
 
 
 @dataclass(frozen=True)

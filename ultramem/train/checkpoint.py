@@ -31,12 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ultramem.errors import CheckpointError
+
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "optimizer.pt", "state.pt", "config.json")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or corrupt."""
 
 
 def ckpt_dir(run_dir: str | Path) -> Path:

@@ -17,8 +17,7 @@ import os
 import sys
 
 from ultramem.config import load_config
-from ultramem.data.corpus import DataError
-from ultramem.train.checkpoint import CheckpointError
+from ultramem.errors import CheckpointError, DataError
 from ultramem.train.trainer import train
 
 

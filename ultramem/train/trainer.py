@@ -24,10 +24,10 @@ import torch
 
 from ultramem import distributed
 from ultramem.accounting import count
-from ultramem.config import Config, ConfigError
-from ultramem.data.corpus import DataError
+from ultramem.config import Config
 from ultramem.data.loader import TokenBatches
 from ultramem.data.prepare import load_index
+from ultramem.errors import ConfigError, DataError
 from ultramem.eval.loss import autocast_ctx, bits_per_byte, evaluate_loss
 from ultramem.model.transformer import Transformer
 from ultramem.train import checkpoint as ckpt
