@@ -56,6 +56,17 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, S, D]`` -> ``(x [B, S, D], h [B, S, D])``: the residual stream after attention
+        and the FFN, and ``h``, the normalised FFN input that memory spans starting here read.
+
+        ``state``: this block's decode state (``"attn"``: the KV cache, ``"ffn"``), or None."""
+        x = x + self.drop(self.attn(self.input_layernorm(x), _sub(state, "attn")))
+        h = self.post_attention_layernorm(x)
+        if self.ffn is not None:
+            x = x + self.drop(self.ffn(h, _sub(state, "ffn")))
+        return x, h
+
 
 class Transformer(nn.Module):
     """Decoder LM. ``forward(idx [B, S], targets [B, S] | None, state | None) -> ModelOutput``."""
@@ -76,6 +87,7 @@ class Transformer(nn.Module):
         self.memory = nn.ModuleList(
             [mem.build(shape, self.memory_shared) for shape in plan.memory] if mem is not None else []
         )
+        self.drop = nn.Dropout(cfg.dropout)  # on memory outputs, as on every residual branch
         self.norm = make_norm(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -125,13 +137,12 @@ class Transformer(nn.Module):
         pending: dict[int, list[torch.Tensor]] = {}  # block j -> outputs of spans ending there
         for block in self.blocks:
             i = block.index
-            x = x + block.drop(block.attn(block.input_layernorm(x), _sub(state, f"attn{i}")))
-            h = block.post_attention_layernorm(x)
-            out = block.ffn(h, _sub(state, f"ffn{i}")) if block.ffn is not None else None
+            x, h = block(x, _sub(state, f"block{i}"))
             for n in self.wiring.reads(i):
-                pending.setdefault(self.wiring.spans[n].dst, []).append(self.memory[n](h, _sub(state, f"mem{n}")))
-            for y in ([out] if out is not None else []) + pending.pop(i, []):
-                x = x + block.drop(y)
+                dst = self.wiring.spans[n].dst
+                pending.setdefault(dst, []).append(self.memory[n](h, _sub(state, f"mem{n}")))
+            for y in pending.pop(i, []):
+                x = x + self.drop(y)
         x = self.norm(x)
         logits = F.linear(x, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
         return self._output(logits, targets)
