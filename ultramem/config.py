@@ -4,11 +4,14 @@ The run config is a tree: ``Config(model=ModelConfig(ffn=..., memory=...), train
 Layer configs (``model.ffn``, ``model.memory``) are polymorphic: each registered layer type has
 its own dataclass (see :mod:`ultramem.layers.registry`), serialised with a ``"type"`` key.
 
-Precedence (as in lingua): dataclass defaults < preset < config file (JSON) < dotted overrides::
+Precedence (as in lingua): dataclass defaults < preset < config file (JSON) < dotted overrides,
+resolved by :func:`ultramem.resolve.load_config` (above the presets, which import this module)::
 
     cfg = load_config(preset="tiny-ultramem", overrides=["model.d_model=128", "train.max_steps=20"])
 
-Unknown fields are rejected with the nearest valid name suggested.
+Here: the tree, :func:`overlay` (a config file's dict onto a config), :func:`apply_override`
+(one dotted override) and JSON save/load. Unknown fields are rejected with the nearest valid
+name suggested.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ultramem.layers  # noqa: F401  (fills the layer registry with every built-in type)
 from ultramem.errors import ConfigError
 from ultramem.layers.mlp import MLPConfig
-from ultramem.layers.registry import LayerConfig, layer_config_class, layer_types
+from ultramem.layers.registry import LayerConfig, MemoryLayerConfig, layer_config_class, layer_types
+from ultramem.placement import Wiring, plan_wiring
 
 
 @dataclass
@@ -44,7 +49,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     ffn: LayerConfig = field(default_factory=MLPConfig)  # the per-block feed-forward part
-    memory: LayerConfig | None = None  # memory layers wired by memory.placement (SPEC §1)
+    memory: MemoryLayerConfig | None = None  # memory layers wired by memory.placement (SPEC §1)
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +58,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    def wiring(self) -> Wiring:
+        """The one wiring plan (spans, replaced FFNs, each layer's shape) that the model, the
+        accounting and :meth:`validate` use; raises ConfigError for a bad placement."""
+        return plan_wiring(self.d_model, self.n_layers, self.ffn, self.memory)
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
@@ -71,24 +81,20 @@ class ModelConfig:
             raise ConfigError(f"model.norm={self.norm!r}; allowed: 'layernorm', 'rmsnorm'")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout}; allowed: 0 <= dropout < 1")
-        if self.ffn.role != "ffn":
+        if isinstance(self.ffn, MemoryLayerConfig):
             raise ConfigError(
                 f"model.ffn.type={self.ffn.type!r} is a memory layer; put it under model.memory "
                 f"(ffn types: {layer_types('ffn')})"
             )
-        if self.memory is not None and self.memory.role != "memory":
+        if self.memory is not None and not isinstance(self.memory, MemoryLayerConfig):
             raise ConfigError(
                 f"model.memory.type={self.memory.type!r} is not a memory layer; "
                 f"memory types: {layer_types('memory')}"
             )
-        from ultramem.layers.registry import ShapeContext  # noqa: PLC0415 (avoid cycle at import)
-
-        self.ffn.validate(ShapeContext.for_model(self), "model.ffn")
+        plan = self.wiring()
+        self.ffn.validate(plan.shared, "model.ffn")
         if self.memory is not None:
-            from ultramem.model.placement import parse_placement  # noqa: PLC0415
-
-            spans = parse_placement(self.memory.placement, self.n_layers, self.memory)
-            self.memory.validate(ShapeContext.for_model(self, len(spans)), "model.memory")
+            self.memory.validate(plan.shared, "model.memory")
 
 
 @dataclass
@@ -289,6 +295,37 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def overlay(obj: Any, d: dict[str, Any], where: str = "") -> Any:
+    """Overlay a config file's nested dict onto the dataclass ``obj`` in place (and return it):
+    fields the dict names replace those of ``obj``, the rest stay (a preset under a file).
+
+    A layer config the dict gives without a ``"type"``, or with the type it already has, is
+    overlaid the same way; one with another type (or where ``obj`` has none) is built from the
+    dict and that type's defaults, as :meth:`Config.from_dict` builds it. ``null`` removes it."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a JSON object, got {d!r}")
+    hints = _field_types(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in d.items():
+        if key not in names:
+            raise _unknown(key, where, names)
+        tp, current = hints[key], getattr(obj, key)
+        if value is not None and _is_layer_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a JSON object with a 'type', got {value!r}")
+            fields = {k: v for k, v in value.items() if k != "type"}
+            kind = value.get("type")
+            if current is None or (kind is not None and kind != current.type):
+                setattr(obj, key, _layer_from_dict(value, f"{where}{key}"))
+            else:
+                overlay(current, fields, f"{where}{key}.")
+        elif value is not None and dataclasses.is_dataclass(tp):
+            overlay(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, f"{where}{key}"))
+    return obj
+
+
 def apply_override(cfg: Config, dotted: str) -> None:
     """Apply one ``a.b.c=value`` override in place.
 
@@ -338,19 +375,3 @@ def _parent(cfg: Config, parts: list[str]) -> Any:
     for name in parts[:-1]:
         obj = getattr(obj, name)
     return obj
-
-
-def load_config(
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> Config:
-    """Defaults, then a preset, then a JSON config file, then dotted overrides; validated."""
-    from ultramem.presets import get_preset  # noqa: PLC0415 (presets import this module)
-
-    cfg = get_preset(preset) if preset else Config()
-    if config_file is not None:
-        cfg = Config.from_dict(json.loads(Path(config_file).read_text()))
-    for item in overrides:
-        apply_override(cfg, item)
-    return cfg.validate()

@@ -25,16 +25,16 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.layers.base import ParamGroupHint
 from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
-from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.layers.registry import MemoryLayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
 from ultramem.ops.retrieval import ive_address
 from ultramem.ops.skinny_linear import skinny_linear
 
 
-@register_layer("ultramem", role="memory")
+@register_layer("ultramem")
 @dataclass
-class UltraMemConfig(LayerConfig):
+class UltraMemConfig(MemoryLayerConfig):
     """Defaults: the paper's UltraMem settings (Table 5) at a small size."""
 
     placement: str = "2:3"  # SPEC §1 / §3.4 split + skip, e.g. "3:5/6:8/9:11"
@@ -141,7 +141,6 @@ class UltraMem(RetrievalLayer):
         else:
             self.perm = None
         self.coverage = CoverageTracker(cfg.rows(), cfg.metrics_window)
-        self.init_stats: dict[str, float] = {}
 
     # ---- init (§3.9) ----------------------------------------------------------------------
     @torch.no_grad()
@@ -155,11 +154,10 @@ class UltraMem(RetrievalLayer):
         self.coverage.reset()
         e, dv = cfg.expansion, self.value_dim
         if cfg.init == "improved":
-            mu, rel_var = calibrate_gains(self.retrieval, cfg.calib_samples, cfg.softmax)
+            calibrate_gains(self.retrieval, cfg.calib_samples, cfg.softmax)
             # sigma_V^2 = E / (2 m H L): each virtual block pools ~ m H / E rows with weight ~1
             std = math.sqrt(e / (2 * cfg.topk * cfg.heads * self.n_layers))
             proj_std = 1.0 / math.sqrt(e * dv)  # variance-preserving W_o: y ~ N(0, 1/(2L))
-            self.init_stats = {"raw_score_mean": mu, "score_rel_var": rel_var}
         else:
             std, proj_std = dv**-0.5, cfg.init_std  # Lample et al.: N(0, 1/D_v)
         nn.init.normal_(self.values, std=std)
