@@ -96,7 +96,7 @@ def test_import_and_model_do_not_import_triton():
         import torch
         import ultramem
         import ultramem.layers, ultramem.ops, ultramem.ops.tuning
-        from ultramem.config import load_config
+        from ultramem import load_config
         from ultramem.model.transformer import Transformer
         print(sum(m == "triton" or m.startswith("triton.") for m in sys.modules))
         for name in ("tiny-ultramem", "tiny-ultramem-v2", "tiny-pkm"):
