@@ -1,6 +1,6 @@
-"""Measurement helpers shared by the benchmark scripts (``ops.py``, ``lr_fwd_sweep.py``,
-``lr_bwd_sweep.py``): one definition of the copy-bandwidth ceiling, CUDA-graph timing, the
-clock warm-up and the skewed index distribution, so every script measures the same way."""
+"""Measurement helpers shared by the benchmark scripts (``ops.py``, ``explore/``): one
+definition of the copy-bandwidth ceiling, CUDA-graph timing, the clock warm-up and the skewed
+index distribution, so every script measures the same way."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import triton
 
 
 def copy_gbps(device: str, dtype: torch.dtype, timer: Callable[[Callable], float],
@@ -21,11 +20,6 @@ def copy_gbps(device: str, dtype: torch.dtype, timer: Callable[[Callable], float
     gbps = 2 * x.numel() * x.element_size() / ms / 1e6
     print(f"copy bandwidth {gbps:.0f} GB/s (read + write of {x.nbytes / 2**30:.2f} GiB)", flush=True)
     return gbps
-
-
-def do_bench(fn: Callable, rep: int = 60) -> float:
-    """Median ms of ``triton.testing.do_bench`` (L2 flushed between repetitions)."""
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
 def graph_time(fn: Callable, calls: int = 20, reps: int = 25) -> float:
@@ -66,37 +60,6 @@ def cold_graph_time(fn: Callable, flush_bytes: int = 128 << 20, calls: int = 10)
         fn()
 
     return graph_time(both, calls=calls) - graph_time(buf.zero_, calls=calls)
-
-
-_PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16",
-        torch.int64: "*i64", torch.int32: "*i32"}
-
-
-def compile_sm90(fn, args: tuple, kwargs: dict):
-    """Compile ``fn[grid](*args, **kwargs)`` for sm_90 without a GPU, as the JIT would
-    specialise that launch: tensors as pointers of their dtype (16-divisible), floats as fp32,
-    integers equal to 1 as constants, other integers as i32 (16-divisible where they are);
-    ``num_warps`` / ``maxnreg`` / ``launch_pdl`` are options, every other keyword a constexpr."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kwargs = dict(kwargs)
-    opts = {k: kwargs.pop(k) for k in ("num_warps", "maxnreg", "launch_pdl") if k in kwargs}
-    sig, consts, attrs = {}, dict(kwargs), {}
-    for i, (nm, a) in enumerate(zip(fn.arg_names, args)):
-        if isinstance(a, torch.Tensor):
-            sig[nm], attrs[(i,)] = _PTR[a.dtype], [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            sig[nm] = "fp32"
-        elif a == 1:
-            sig[nm], consts[nm] = "constexpr", 1
-        else:
-            sig[nm] = "i32"
-            if a % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    sig.update({nm: "constexpr" for nm in kwargs})
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def warm_up(seconds: float, device: str = "cuda") -> None:

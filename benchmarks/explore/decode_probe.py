@@ -4,7 +4,7 @@ dependent launch (PDL) survives graph capture and what it saves, and how fast th
 projections of the UltraMem-1.6B-x12 layer run with cuBLAS against a plain Triton GEMV, with
 the weights warm in L2 (graph replay of the same call) and cold (an L2 flush between calls).
 
-    PYTHONPATH=. python3 benchmarks/decode_probe.py --out $OUT   # -> decode-probe-<device>.json
+    PYTHONPATH=. python3 benchmarks/explore/decode_probe.py --out $OUT   # -> decode-probe-<device>.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # benchmarks/_bench.py
 from _bench import graph_time, warm_up  # noqa: E402
 
 try:
@@ -299,7 +299,7 @@ def main():
     device = torch.cuda.get_device_name()
     slug = "h200" if "H200" in device else "h100" if "H100" in device else "gpu"
     out = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-           "command": "PYTHONPATH=. python3 benchmarks/decode_probe.py --out $OUT", "rows": ROWS}
+           "command": "PYTHONPATH=. python3 benchmarks/explore/decode_probe.py --out $OUT", "rows": ROWS}
     with open(os.path.join(opts.out, f"decode-probe-{slug}.json"), "w") as f:
         json.dump(out, f, indent=1)
 
