@@ -134,9 +134,9 @@ def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: 
         weights, optim_state, state = ckpt.read_checkpoint(last)
         forced = check_resume(run_dir, ckpt.read_config(last), cfg.to_dict(), state.get("data"),
                               dataset_identity(index), force)
+        ckpt.load_model_weights(model, weights, last)  # before sharding: every rank loads it whole
         if forced and d.is_main:
             print(f"ultramem train: --force: resuming {last} despite: " + "; ".join(forced), file=sys.stderr)
-        ckpt.load_model_weights(model, weights, last)  # before sharding: every rank loads it whole
         set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
     net = distributed.wrap(model, d, tc.parallel)  # FSDP2 swaps in sharded parameters here,
