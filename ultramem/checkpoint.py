@@ -152,7 +152,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except Exception as e:  # a full disk is an OSError, torch.save's RuntimeError, a SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_write_failure(root, final.name, e)) from e
     if final.exists():  # re-saving a step (e.g. a signal right after a periodic save)
