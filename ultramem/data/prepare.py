@@ -103,6 +103,7 @@ def prepare_documents(
     sources: list[str] | None = None,
     shard_tokens: int = SHARD_TOKENS,
     batch_docs: int = 256,
+    progress: bool = False,
 ) -> dict:
     """Tokenize ``docs`` into ``out`` atomically (see the module docstring); returns the index
     (also written to ``out/index.json``)."""
@@ -113,6 +114,10 @@ def prepare_documents(
     tmp = out / f".tmp-{gen}"
     tmp.mkdir()
     try:
+        if progress:
+            from tqdm import tqdm  # noqa: PLC0415 (only for the command line)
+
+            docs = tqdm(docs, desc=f"preparing {out}", unit="doc", dynamic_ncols=True, disable=None)  # off when not a tty
         splits = _write_shards(docs, tmp, tok, val_fraction, shard_tokens, batch_docs)
         shutil.copyfile(tok.path, tmp / "tokenizer.json")
         _fsync_dir(tmp)
