@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{command_name(args)}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training handles SIGINT itself (it saves); elsewhere: stop quietly
+        if debug:
+            raise
+        print(f"{command_name(args)}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _one_line(e: BaseException) -> str:

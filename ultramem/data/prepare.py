@@ -182,7 +182,10 @@ def _make_out(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
     if not os.access(out, os.W_OK):
         raise DataError(f"{out}: not writable; choose another --out")
     for stale in out.glob(".tmp-*"):  # left by a killed preparation

@@ -92,7 +92,10 @@ def prepare_run_dir(run_dir: Path) -> None:
     """Create ``run_dir`` (a clear error when it is a file or cannot be created/written)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: exists and is not a directory; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: cannot create it ({e.strerror}); choose another --out") from None
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"--out {run_dir}: not writable; choose another --out")
 
