@@ -128,17 +128,8 @@ def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: 
 
     torch.manual_seed(tc.seed)
     model = Transformer.build(cfg.model, d.device)
-    step, tokens_seen, optim_state = 0, 0, None
     last = ckpt.latest_checkpoint(run_dir) if resume else None
-    if last is not None:
-        weights, optim_state, state = ckpt.read_checkpoint(last)
-        forced = check_resume(run_dir, ckpt.read_config(last), cfg.to_dict(), state.get("data"),
-                              dataset_identity(index), force)
-        ckpt.load_model_weights(model, weights, last)  # before sharding: every rank loads it whole
-        if forced and d.is_main:
-            print(f"ultramem train: --force: resuming {last} despite: " + "; ".join(forced), file=sys.stderr)
-        set_rng_state(state["rng"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
+    step, tokens_seen, optim_state = _restore(cfg, run_dir, last, model, index, d, force)
     net = distributed.wrap(model, d, tc.parallel)  # FSDP2 swaps in sharded parameters here,
     groups = build_param_groups(model, tc)  # so the optimiser is built after wrapping
     opt = make_optimizer(groups, tc, d.device.type)
@@ -163,6 +154,22 @@ def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: 
                DivergenceGuard(tc.spike_factor, tc.spike_window), step=step, tokens_seen=tokens_seen,
                tokens_per_step=bsz * seq * tc.grad_accum * d.world,
                flops_tok=train_flops_per_token(cfg.model, seq), peak=peak_flops(d.device, tc.peak_tflops))
+
+
+def _restore(cfg: Config, run_dir: Path, last: Path | None, model: Transformer, index: dict[str, Any],
+             d: distributed.Dist, force: bool) -> tuple[int, int, dict[str, Any] | None]:
+    """Load checkpoint ``last`` (if any) into the unsharded model after the resume checks;
+    returns (step, tokens seen, optimiser state)."""
+    if last is None:
+        return 0, 0, None
+    weights, optim_state, state = ckpt.read_checkpoint(last)
+    forced = check_resume(run_dir, ckpt.read_config(last), cfg.to_dict(), state.get("data"),
+                          dataset_identity(index), force)
+    ckpt.load_model_weights(model, weights, last)  # before sharding: every rank loads it whole
+    if forced and d.is_main:
+        print(f"ultramem train: --force: resuming {last} despite: " + "; ".join(forced), file=sys.stderr)
+    set_rng_state(state["rng"])
+    return state["step"], state["tokens_seen"], optim_state
 
 
 def _loop(run: Run, stop_after: int | None, progress: bool) -> tuple[bool, int | None]:
