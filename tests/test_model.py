@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ultramem.config import load_config
 from ultramem.model.transformer import Transformer
 from ultramem.presets import preset_names
+from ultramem.resolve import load_config
 
 TINY = [n for n in preset_names() if n.startswith("tiny-")]
 

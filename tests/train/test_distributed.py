@@ -10,7 +10,7 @@ import torch
 from train_helpers import tiny_overrides
 
 from ultramem import checkpoint as ckpt
-from ultramem.config import load_config
+from ultramem.resolve import load_config
 from ultramem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,11 +22,11 @@ from train_helpers import tiny_overrides
 
 from ultramem import checkpoint as ckpt
 from ultramem.cli import main
-from ultramem.config import load_config
 from ultramem.data.corpus import read_file
 from ultramem.data.index import dataset_identity, load_index, verify_shards
 from ultramem.data.prepare import prepare_documents
 from ultramem.errors import CheckpointError
+from ultramem.resolve import load_config
 from ultramem.train import trainer
 from ultramem.train.trainer import train
 
@@ -455,8 +455,6 @@ def test_tiny_ultramem_repeatable_on_two_threads(slice_data, tmp_path):
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
-@pytest.mark.xfail(strict=True, reason="case 6: the config file replaces the preset until arch-core's "
-                   "config.py precedence fix (issue 10 item 1) is merged; remove this mark then")
 def test_preset_with_partial_config_file_keeps_the_preset(tmp_path, monkeypatch, capsys):
     """Case 6: ``ultramem train --preset tiny-pkm --config partial.json`` trains tiny-pkm with
     the file's fields on top (the precedence fix lives in config.py). The command line is run

@@ -17,7 +17,7 @@ import json
 import os
 
 from ultramem.cli_args import positive_int
-from ultramem.config import load_config
+from ultramem.resolve import load_config
 from ultramem.train.trainer import train
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from ultramem.cli_args import positive_int
-from ultramem.config import load_config
 from ultramem.data.corpus import default_corpus
 from ultramem.data.index import INDEX
 from ultramem.data.prepare import prepare_documents, unigram_entropy
@@ -30,6 +29,7 @@ from ultramem.eval.cli import evaluate_run
 from ultramem.inference.generate import generate
 from ultramem.inference.load import load_run
 from ultramem.presets import preset_names
+from ultramem.resolve import load_config
 from ultramem.train.metrics import plot_runs
 from ultramem.train.trainer import train
 
