@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ultramem.data.corpus import read_file, read_source_tree
-from ultramem.data.loader import TokenBatches, split_tokens
-from ultramem.data.prepare import is_val, load_index, prepare_documents, prepare_npy, unigram_entropy
+from ultramem.data.loader import TokenBatches, split_tokens, unigram_entropy
+from ultramem.data.prepare import is_val, load_index, prepare_documents, prepare_npy
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.errors import DataError
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from ultramem.cli_args import positive_int
 from ultramem.config import DataConfig
 from ultramem.data.corpus import EOT, Document, default_corpus, read_file, read_source_tree
-from ultramem.data.prepare import prepare_documents, prepare_npy, unigram_entropy
+from ultramem.data.loader import unigram_entropy
+from ultramem.data.prepare import prepare_documents, prepare_npy
 from ultramem.data.tokenizer import DEFAULT_VOCAB, Tokenizer, train_tokenizer
 from ultramem.errors import DataError
 

@@ -93,3 +93,14 @@ class TokenBatches:
                                 f"damaged or was made by a larger tokenizer -- prepare the dataset again")
         data = torch.from_numpy(np.stack(rows))
         return data[:, :-1], data[:, 1:]
+
+
+def unigram_entropy(path: str | Path, split: str = "train") -> float:
+    """Entropy (nats/token) of the token unigram distribution of a split: the loss of the
+    best model that ignores context."""
+    index = load_index(path)
+    counts = np.zeros(index["vocab_size"], dtype=np.int64)
+    for arr in split_tokens(path, split):
+        counts += np.bincount(np.asarray(arr), minlength=index["vocab_size"])[: index["vocab_size"]]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

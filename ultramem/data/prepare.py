@@ -41,7 +41,7 @@ from ultramem.data.index import FORMAT_VERSION, INDEX, load_index
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.errors import DataError
 
-__all__ = ["INDEX", "load_index", "prepare_documents", "prepare_npy", "unigram_entropy"]
+__all__ = ["INDEX", "load_index", "prepare_documents", "prepare_npy"]
 SHARD_TOKENS = 1 << 25  # 32 M tokens per shard (64 MiB as uint16)
 
 
@@ -281,16 +281,3 @@ def _write_index(out: Path, index: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / INDEX)
-
-
-def unigram_entropy(path: str | Path, split: str = "train") -> float:
-    """Entropy (nats/token) of the token unigram distribution of a split: the loss of the
-    best model that ignores context."""
-    from ultramem.data.loader import split_tokens  # noqa: PLC0415
-
-    index = load_index(path)
-    counts = np.zeros(index["vocab_size"], dtype=np.int64)
-    for arr in split_tokens(path, split):
-        counts += np.bincount(np.asarray(arr), minlength=index["vocab_size"])[: index["vocab_size"]]
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())

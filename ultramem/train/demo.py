@@ -23,7 +23,8 @@ import torch
 from ultramem.cli_args import positive_int
 from ultramem.data.corpus import default_corpus
 from ultramem.data.index import INDEX
-from ultramem.data.prepare import prepare_documents, unigram_entropy
+from ultramem.data.loader import unigram_entropy
+from ultramem.data.prepare import prepare_documents
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.eval.cli import evaluate_run
 from ultramem.inference.generate import generate
