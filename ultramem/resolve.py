@@ -8,11 +8,10 @@ config tree never imports the presets. ``ultramem.load_config`` is this function
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ultramem.config import Config, apply_override, overlay
+from ultramem.config import Config, apply_override, overlay, read_config_file
 from ultramem.presets import get_preset
 
 
@@ -26,7 +25,7 @@ def load_config(
     fields stay (a file saved from a resolved config names every field, so it wins whole)."""
     cfg = get_preset(preset) if preset else Config()
     if config_file is not None:
-        d = config_file if isinstance(config_file, dict) else json.loads(Path(config_file).read_text())
+        d = config_file if isinstance(config_file, dict) else read_config_file(config_file)
         overlay(cfg, d)
     for item in overrides:
         apply_override(cfg, item)
