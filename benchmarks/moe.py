@@ -95,8 +95,9 @@ def hf_block(name: str, impl: str):
     return block
 
 
-def layer_train(name: str, batch: int = 8, seq: int = 2048) -> None:
-    """fwd + bwd of one block on [8, 2048, D] under bf16 autocast, fp32 weights."""
+def layer_train(name: str, batch: int = 8, seq: int = 2048) -> dict:
+    """fwd + bwd of one block on [8, 2048, D] under bf16 autocast, fp32 weights; ours with both
+    layouts of the bf16 weight copy. Returns ``{layout: ms}``."""
     layer, cfg = ours(name)
     x = torch.randn(batch, seq, cfg.d_model, device=DEV, requires_grad=True)
 
@@ -111,20 +112,50 @@ def layer_train(name: str, batch: int = 8, seq: int = 2048) -> None:
         return run
 
     path = layer.path_for(batch * seq, x.device, BF16)
-    ms = _events(step(layer, True))
-    rec(bench="train", impl="ultramem", preset=name, batch=batch, seq=seq, ms=ms,
-        tokens_per_s=batch * seq / ms * 1e3, graph=False, path=path)
+    by_layout = {}
+    for layout in ("row", "col"):
+        layer.cfg.grouped_layout = layout
+        by_layout[layout] = ms = _events(step(layer, True))
+        rec(bench="train", impl="ultramem", preset=name, batch=batch, seq=seq, ms=ms,
+            tokens_per_s=batch * seq / ms * 1e3, graph=False, path=path, variant=f"grouped_layout={layout}")
     layer = None
-    for impl in ("grouped_mm", "eager"):
-        try:
-            block = hf_block(name, impl)
-            ms = _events(step(block, False))
-            rec(bench="train", impl="transformers", preset=name, batch=batch, seq=seq, ms=ms,
-                tokens_per_s=batch * seq / ms * 1e3, graph=False, variant=f"experts_implementation={impl}")
-        except Exception as err:
-            print(f"  hf {impl} train failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-        block = None
-        torch.cuda.empty_cache()
+    try:
+        block = hf_block(name, "grouped_mm")  # its fastest backend (eager: slower at every size, first run)
+        ms = _events(step(block, False))
+        rec(bench="train", impl="transformers", preset=name, batch=batch, seq=seq, ms=ms,
+            tokens_per_s=batch * seq / ms * 1e3, graph=False, variant="experts_implementation=grouped_mm")
+    except Exception as err:
+        print(f"  hf train failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+    block = None
+    torch.cuda.empty_cache()
+    return by_layout
+
+
+def profile_layer(name: str, layout: str) -> None:
+    """The CUDA kernels of one fwd + bwd of the block, by total time (what limits it)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    layer, cfg = ours(name)
+    layer.cfg.grouped_layout = layout
+    x = torch.randn(8, 2048, cfg.d_model, device=DEV, requires_grad=True)
+
+    def run():
+        with torch.autocast(DEV, BF16):
+            loss = layer(x).float().square().mean() + sum(layer.pop_aux()[0].values())
+        loss.backward()
+
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / 3 / 1e3
+    top = [{"kernel": e.key[:90], "ms": e.device_time_total / 3 / 1e3, "calls": e.count // 3} for e in events[:14]]
+    rec(bench="profile", impl="ultramem", preset=name, batch=8, seq=2048, ms=total, layout=layout, kernels=top)
 
 
 def layer_decode(name: str) -> None:
@@ -251,8 +282,8 @@ def sync_check() -> None:
 
 
 def run(out: str, budget_s: float) -> None:
+    import train_throughput as tt  # noqa: PLC0415
     from _bench import copy_gbps, do_bench, warm_up  # noqa: PLC0415
-    from train_throughput import train_rows  # noqa: PLC0415
 
     t0 = time.time()
     device = torch.cuda.get_device_name()
@@ -270,13 +301,23 @@ def run(out: str, budget_s: float) -> None:
     warm_up(2.0)
     gbps = copy_gbps(DEV, BF16, do_bench)
     meta["copy_gbps"] = gbps
-    sections = [("sync", sync_check)]
-    sections += [(f"train {n}", lambda n=n: layer_train(n)) for n in LAYER_PRESETS]
-    sections += [("model train", lambda: ROWS.extend(train_rows(list(TRAIN_PRESETS[:5]), 2, 5))),
-                 ("model decode", lambda: model_decode(gbps))]
+    layouts: dict[str, float] = {"row": 0.0, "col": 0.0}
+
+    def train_layers() -> None:
+        for n in LAYER_PRESETS:
+            for k, v in layer_train(n).items():
+                layouts[k] += v
+        best = min(layouts, key=layouts.get)
+        tt.MOE_OVERRIDES["grouped_layout"] = best  # every later MoE row uses the faster layout
+        meta["grouped_layout"] = {"chosen": best, "sum_ms_over_layer_presets": layouts}
+
+    sections = [("sync", sync_check), ("layer train", train_layers),
+                ("profile", lambda: profile_layer("moe-151m-2in32", tt.MOE_OVERRIDES.get("grouped_layout", "row"))),
+                ("model train", lambda: ROWS.extend(tt.train_rows(list(TRAIN_PRESETS[:5]), 2, 5))),
+                ("model decode", lambda: model_decode(gbps))]
     sections += [(f"decode {n}", lambda n=n: layer_decode(n)) for n in LAYER_PRESETS]
     sections += [("model train (memory layers)",
-                  lambda: ROWS.extend(train_rows(list(TRAIN_PRESETS[5:]), 2, 5, deadline=t0 + budget_s))),
+                  lambda: ROWS.extend(tt.train_rows(list(TRAIN_PRESETS[5:]), 2, 5, deadline=t0 + budget_s))),
                  ("routing", routing)]
     for label, fn in sections:
         if time.time() - t0 > budget_s:

@@ -17,11 +17,13 @@ import time
 import torch
 
 from ultramem.layers.mlp import MLPConfig
+from ultramem.layers.moe import MoEConfig
 from ultramem.model.transformer import Transformer
 from ultramem.presets import get_preset
 
 DEV = "cuda"
 BATCH, SEQ = 8, 2048
+MOE_OVERRIDES: dict = {}  # MoEConfig fields set on every MoE preset (benchmarks/moe.py picks the layout)
 
 
 def model_config(name: str):
@@ -29,7 +31,11 @@ def model_config(name: str):
         cfg = get_preset("olmoe-227m-1.2b").model
         cfg.ffn = MLPConfig(hidden=3072, activation="swiglu", init_std=cfg.init_std)
         return cfg
-    return get_preset(name).model
+    cfg = get_preset(name).model
+    if isinstance(cfg.ffn, MoEConfig):
+        for key, value in MOE_OVERRIDES.items():
+            setattr(cfg.ffn, key, value)
+    return cfg
 
 
 def hf_olmoe(cfg, experts_impl: str) -> torch.nn.Module:
@@ -47,20 +53,22 @@ def hf_olmoe(cfg, experts_impl: str) -> torch.nn.Module:
     return OlmoeForCausalLM(hc).to(DEV)
 
 
-def _time_steps(step, warmup: int, steps: int) -> float:
-    """Median ms of ``step()`` over ``steps`` calls after ``warmup`` (CUDA events)."""
+def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    """Median ms of ``step(events)`` over ``steps`` calls after ``warmup``, and the median ms of
+    its optimiser part (CUDA events recorded around ``opt.step``)."""
     for _ in range(warmup):
-        step()
+        step(None)
     torch.cuda.synchronize()
-    times = []
+    total, opt = [], []
     for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record()
+        step(ev)
+        ev[2].record()
+        ev[2].synchronize()
+        total.append(ev[0].elapsed_time(ev[2]))
+        opt.append(ev[1].elapsed_time(ev[2]))
+    return sorted(total)[len(total) // 2], sorted(opt)[len(opt) // 2]
 
 
 def train_step_fn(model: torch.nn.Module, hf: bool):
@@ -69,7 +77,7 @@ def train_step_fn(model: torch.nn.Module, hf: bool):
     idx = torch.randint(0, vocab, (BATCH, SEQ), device=DEV)
     tgt = torch.randint(0, vocab, (BATCH, SEQ), device=DEV)
 
-    def step() -> None:
+    def step(events: list | None = None) -> None:
         with torch.autocast(DEV, torch.bfloat16):
             if hf:
                 loss = model(input_ids=idx, labels=idx).loss  # shifts labels inside
@@ -77,6 +85,8 @@ def train_step_fn(model: torch.nn.Module, hf: bool):
                 out = model(idx, tgt)
                 loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         loss.backward()
+        if events is not None:
+            events[1].record()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -97,9 +107,12 @@ def train_rows(names: list[str], warmup: int = 3, steps: int = 8, deadline: floa
             else:
                 model = Transformer.build(cfg, device=DEV)
             model.train()
-            ms = _time_steps(train_step_fn(model, hf), warmup, steps)
+            ms, opt_ms = _time_steps(train_step_fn(model, hf), warmup, steps)
             row = {"bench": "train_model", "impl": "transformers" if hf else "ultramem", "preset": name,
-                   "batch": BATCH, "seq": SEQ, "ms": ms, "tokens_per_s": BATCH * SEQ / ms * 1e3, "graph": False}
+                   "batch": BATCH, "seq": SEQ, "ms": ms, "tokens_per_s": BATCH * SEQ / ms * 1e3, "graph": False,
+                   "optimizer_ms": opt_ms, "params": sum(p.numel() for p in model.parameters())}
+            if isinstance(cfg.ffn, MoEConfig) and not hf:
+                row["grouped_layout"] = cfg.ffn.grouped_layout
             if hf:
                 row["variant"] = "experts_implementation=grouped_mm"
             rows.append(row)

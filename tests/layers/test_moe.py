@@ -177,3 +177,18 @@ def test_bad_configs_raise_one_line_errors():
     for bad in (dict(impl="fast"), dict(top_k=40), dict(activation="relu"), dict(gather_max=-1)):
         with pytest.raises(ConfigError):
             MoEConfig(**bad).validate(SHAPE, "model.ffn")
+
+
+@needs_grouped
+def test_col_layout_of_the_bf16_weight_copy_changes_nothing():
+    layers = {lay: _layers({**CONFIGS[1], "grouped_layout": lay}, ["auto"])["auto"] for lay in ("row", "col")}
+    x = torch.randn(2, 16, 32)
+    out = {}
+    for lay, layer in layers.items():
+        with torch.autocast("cpu", torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        out[lay] = [y] + [p.grad for p in layer.parameters()]
+    assert layers["col"]._weights(torch.bfloat16)[0].stride()[1] == 1  # N-major copy
+    for a, b in zip(out["row"], out["col"]):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)

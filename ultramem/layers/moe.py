@@ -9,8 +9,9 @@ in a CUDA graph and compiles without graph breaks. Three ways to apply the exper
       "grouped" (T*k large): sort the T*k assignments by expert on device (sort + searchsorted
                  offsets), gather rows, one torch._grouped_mm per projection, gather back
                  token-major, weighted sum over k.
-      "gather"  (T*k <= gather_max, decode): gather the selected experts' weights
-                 [T*k, D, h] and run batched matmuls; no sort, reads only selected experts.
+      "gather"  (T*k <= gather_max, decode): no sort; each assignment through its expert,
+                 reading only the selected experts' weights (ops.moe_experts: a Triton GEMV
+                 at inference, a weight gather + batched matmul when gradients are needed).
       "loop"    (reference): one matmul per expert over its segment; ``counts.tolist()``
                  synchronises with the host, so it is the oracle, not a path for speed.
 
@@ -33,6 +34,7 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.ops.moe_experts import expert_mlp
 
 IMPLS = ("auto", "grouped_mm", "gather", "loop")
 
@@ -56,6 +58,9 @@ class MoEConfig(LayerConfig):
     # torch build has no usable torch._grouped_mm); the others force one path.
     impl: str = "auto"
     gather_max: int = 16  # decode threshold on tokens * top_k (measured: docs/layers.md, MoE)
+    # memory layout of the autocast copy of the expert weights that grouped_mm reads: "row"
+    # ([E, K, N] as stored) or "col" (N-major, written by the same cast kernel)
+    grouped_layout: str = "row"
 
     def validate(self, shape: ShapeContext, where: str) -> None:
 
@@ -69,6 +74,8 @@ class MoEConfig(LayerConfig):
             )
         if self.activation not in ("gelu", "swiglu"):
             raise ConfigError(f"{where}.activation={self.activation!r}; allowed: 'gelu', 'swiglu'")
+        if self.grouped_layout not in ("row", "col"):
+            raise ConfigError(f"{where}.grouped_layout={self.grouped_layout!r}; allowed: 'row', 'col'")
         if self.impl not in IMPLS:
             raise ConfigError(f"{where}.impl={self.impl!r}; allowed: {', '.join(map(repr, IMPLS))}")
         if self.n_shared < 0 or self.balance_weight < 0 or self.z_loss_weight < 0 or self.gather_max < 0:
@@ -254,13 +261,17 @@ class MoE(SparseLayer):
         h = F.silu(mm(x, w_gate)) * h if w_gate is not None else F.gelu(h)
         return mm(h, w_down)
 
-    def _weights(self, dtype: torch.dtype, index: torch.Tensor | None = None) -> tuple:
-        """``(w_up, w_gate, w_down)`` in ``dtype``; only the experts in ``index`` when given
-        (gathered first, so only they are cast)."""
-        ws = (self.w_up, self.w_gate, self.w_down)
-        if index is not None:
-            ws = tuple(None if w is None else w.index_select(0, index) for w in ws)
-        return tuple(None if w is None else w.to(dtype) for w in ws)
+    def _weights(self, dtype: torch.dtype) -> tuple:
+        """``(w_up, w_gate, w_down)`` in ``dtype`` (the autocast cast, explicit); with
+        ``grouped_layout="col"`` the cast writes each ``[K, N]`` matrix N-major."""
+        col = self.cfg.grouped_layout == "col"
+
+        def cast(w: torch.Tensor | None) -> torch.Tensor | None:
+            if w is None or w.dtype == dtype:
+                return w
+            return w.mT.to(dtype, memory_format=torch.contiguous_format).mT if col else w.to(dtype)
+
+        return cast(self.w_up), cast(self.w_gate), cast(self.w_down)
 
     def _grouped(self, xs: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """``xs [N, D]`` sorted by expert -> ``[N, D]``: one ``torch._grouped_mm`` per projection."""
@@ -276,11 +287,10 @@ class MoE(SparseLayer):
         return torch.cat(outs)
 
     def _gathered(self, flat: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Decode path: ``[T, D]`` -> ``[T, D]`` reading only the selected experts' weights."""
-        t, k = experts.shape
-        ws = self._weights(flat.dtype, experts.flatten())
-        xs = flat.unsqueeze(1).expand(t, k, flat.shape[1]).reshape(t * k, 1, flat.shape[1])
-        ys = self._mlp(xs, *ws, torch.bmm).view(t, k, -1)  # [T, k, D]
+        """Decode path: ``[T, D]`` -> ``[T, D]`` reading only the selected experts' weights
+        (``ops.moe_experts``: a Triton GEMV that reads them once when no gradient is needed,
+        else the differentiable gather + batched matmul)."""
+        ys = expert_mlp(flat, experts, self.w_up, self.w_gate, self.w_down)  # [T, k, D]
         return (ys * gates.unsqueeze(-1).to(ys.dtype)).sum(1)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
