@@ -67,11 +67,10 @@ def _graph_or_eager(fn) -> tuple[float, bool]:
 
 # ---- the layers ------------------------------------------------------------------------------
 def ours(name: str):
-    from ultramem.layers.registry import ShapeContext  # noqa: PLC0415
     from ultramem.presets import get_preset  # noqa: PLC0415
 
     cfg = get_preset(name).model
-    layer = cfg.ffn.build(ShapeContext.for_model(cfg, 0, block_index=1)).to(DEV)
+    layer = cfg.ffn.build(cfg.wiring().ffn[0]).to(DEV)  # block 1's FFN shape
     layer.init_weights()
     return layer, cfg
 
