@@ -155,11 +155,12 @@ def _fsdp_units(block: nn.Module) -> nn.Module | list[nn.Module]:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, str] = "auto",
-                fsdp: bool = True, reshard_after_forward: bool = True) -> ParallelPlan:
+                fsdp: bool = True, reshard_after_forward: bool = True, overlap: bool = False) -> ParallelPlan:
     """Shard ``model`` (built and initialised, identical on every rank) in place; returns the plan.
 
     ``partition``: ``"auto"`` (fewest bytes, :func:`~ultramem.distributed.volume.choose_partition`),
-    ``"row"``, ``"col"``, or ``{table FQN: "row" | "col"}`` (unlisted tables: auto)."""
+    ``"row"``, ``"col"``, or ``{table FQN: "row" | "col"}`` (unlisted tables: auto).
+    ``overlap``: memory layers on a side stream (:mod:`ultramem.distributed.overlap`; GPU only)."""
     if tuple(mesh.mesh_dim_names or ()) != ("mp", "dp"):
         raise ConfigError(f"parallelize needs the ('mp', 'dp') mesh of make_mesh, got {mesh.mesh_dim_names}")
     mp_mesh = mesh["mp"]
@@ -208,8 +209,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
             fully_shard(_fsdp_units(block), **kw)
         for layer in getattr(model, "memory", []):
             if any(p not in sharded for p in layer.parameters()):
-                fully_shard(layer, ignored_params=sharded, **kw)
+                fully_shard(layer, ignored_params=sharded, **{**kw, "reshard_after_forward": (
+                    reshard_after_forward and not overlap)})
         fully_shard(model, ignored_params=sharded, **kw)
+    if overlap:
+        from ultramem.distributed.overlap import overlap_memory  # noqa: PLC0415
+
+        overlap_memory(model)
     return ParallelPlan(mesh, plan_tables)
 
 

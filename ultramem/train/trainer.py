@@ -113,7 +113,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = True, force: bool = F
         ckpt.load_model_weights(model, weights, last)  # before sharding: every rank loads it whole
         ckpt.set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
-    net = distributed.wrap(model, d, tc.parallel)  # FSDP2 swaps in sharded parameters here,
+    net = distributed.wrap(model, d, tc.parallel, tc.memory_parallel, tc.memory_partition)  # sharded params here,
     groups = build_param_groups(model, tc)  # so the optimiser is built after wrapping
     opt = make_optimizer(groups, tc, d.device.type)
     if optim_state is not None:
