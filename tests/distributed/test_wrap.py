@@ -1,6 +1,8 @@
 """The trainer on two gloo processes (torchrun) computes what one process computes (same
 global batch), with DDP and with FSDP (``ultramem.distributed.wrap``): the dense tiny model,
-tiny UltraMem and tiny UltraMemV2 (value tables split over both ranks, ``memory_parallel=2``)."""
+tiny UltraMem and tiny UltraMemV2 (value tables split over both ranks, ``memory_parallel=2``).
+The memory presets under DDP (nothing memory-specific: DDP averages every gradient) are
+``slow`` (about a minute each on the 2-core CI machine): ``pytest -m slow tests/distributed``."""
 
 import json
 import subprocess
@@ -34,9 +36,9 @@ def _losses(run: Path) -> list[float]:
 CASES = [
     pytest.param(None, "ddp", DENSE, id="dense-ddp"),
     pytest.param(None, "fsdp", DENSE, id="dense-fsdp"),
-    pytest.param("tiny-ultramem", "ddp", {}, id="ultramem-ddp"),
+    pytest.param("tiny-ultramem", "ddp", {}, id="ultramem-ddp", marks=pytest.mark.slow),
     pytest.param("tiny-ultramem", "fsdp", {"train.memory_parallel": 2}, id="ultramem-fsdp-mp2"),
-    pytest.param("tiny-ultramem-v2", "ddp", {}, id="ultramem-v2-ddp"),
+    pytest.param("tiny-ultramem-v2", "ddp", {}, id="ultramem-v2-ddp", marks=pytest.mark.slow),
     pytest.param("tiny-ultramem-v2", "fsdp", {"train.memory_parallel": 2}, id="ultramem-v2-fsdp-mp2"),
 ]
 
