@@ -89,3 +89,32 @@ def test_formulas_pick_the_cheaper_partition():
     assert choose_partition([few_wide], 8) == "col"
     # one rank: nothing moves
     assert sum(rowwise_bytes(few_wide, 1).values()) == 0 == sum(columnwise_bytes(few_wide, 1).values())
+
+
+def test_bad_settings_are_one_line_config_errors(tmp_path):
+    from ultramem.config import TrainConfig
+    from ultramem.distributed.parallelize import make_mesh, parallelize
+    from ultramem.distributed.sharded_lookup import ShardedLookup, _core_slice
+    from ultramem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="partition='diag'"):
+        ShardedLookup("diag", None)
+    with pytest.raises(ConfigError, match="cores=3"):
+        _core_slice(3, 2, 0)
+    with pytest.raises(ConfigError, match="train.parallel=fsdp"):
+        TrainConfig(memory_parallel=2).validate()
+    with pytest.raises(ConfigError, match="memory_partition"):
+        TrainConfig(parallel="fsdp", memory_partition="diag").validate()
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="mp=2 must divide the world size 1"):
+            make_mesh(2)
+        cfg, model = workers.build("tiny-ultramem")
+        with pytest.raises(ConfigError, match="allowed: auto, row, col"):
+            parallelize(model, make_mesh(1), partition="diag")
+        with pytest.raises(ConfigError, match="no such table; tables: memory.0.values, memory.1.values"):
+            parallelize(model, make_mesh(1), partition={"memory.9.values": "row"})
+    finally:
+        dist.destroy_process_group()

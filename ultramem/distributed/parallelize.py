@@ -21,7 +21,6 @@ world size in a gradient hook.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -218,10 +217,3 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
         overlap_memory(model)
     return ParallelPlan(mesh, plan_tables)
 
-
-def table_groups(plan: ParallelPlan) -> dict[str, list[str]]:
-    """Partition -> table FQNs (for logs)."""
-    out: dict[str, list[str]] = defaultdict(list)
-    for t in plan.tables:
-        out[t.partition].append(t.name)
-    return dict(out)
