@@ -39,12 +39,13 @@ def make_mesh(mp: int, device_type: str | None = None) -> DeviceMesh:
     group are consecutive (``rank = dp_index * mp + mp_index``: put a group on one node).
 
     Dimension order: FSDP2 on a 2-D mesh replicates over dim 0 and shards over dim 1, so
-    ``mp`` comes first for the dense parameters to be sharded over ``dp``."""
+    ``mp`` comes first for the dense parameters to be sharded over ``dp``. ``device_type``
+    defaults to the process group's (NCCL: cuda, gloo: cpu)."""
     world = dist.get_world_size()
     if mp <= 0 or world % mp:
         raise ConfigError(f"mp={mp} must divide the world size {world}; allowed: "
                           + ", ".join(str(k) for k in range(1, world + 1) if world % k == 0))
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     ranks = torch.arange(world).view(world // mp, mp).T  # [mp, dp]
     return DeviceMesh(device_type, ranks, mesh_dim_names=("mp", "dp"))
 
