@@ -173,6 +173,9 @@ def scenario_model(rank: int, world: int, tmp: Path, mp: str) -> None:
             model = copy.deepcopy(ref)
             plan = parallelize(model, mesh, partition=partition)
             assert set(plan.partitions().values()) == {partition}, plan.partitions()
+            from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+
+            assert all(isinstance(b, FSDPModule) for b in model.blocks), "FSDP units: model.blocks[i]"
             where = f"{preset}/{partition}/mp={mp}"
             x, y = batch(cfg, 0, world)
             out_ref = ref(x, y)

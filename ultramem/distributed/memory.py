@@ -63,12 +63,11 @@ def lookup_bytes(models: dict[str, ModelConfig]) -> list[dict]:
     """Bytes one rank sends per token and memory layer (forward + backward, bf16 tables,
     uniform rows), row- vs column-wise, from :mod:`ultramem.distributed.volume`."""
     from ultramem.distributed.volume import LookupShape, choose_partition, columnwise_bytes, rowwise_bytes  # noqa: PLC0415
-    from ultramem.layers.registry import ShapeContext  # noqa: PLC0415
 
     out = []
     for name, cfg in models.items():
         mem = cfg.memory
-        shape = ShapeContext.for_model(cfg, cfg.n_layers)
+        shape = cfg.wiring().shared
         s = LookupShape(tokens=1, selections=mem.heads * mem.topk, cores=mem.cores if mem.tucker_rank else 1,
                         blocks=1, value_dim=mem.dv(shape), pre_value_dim=mem.dp(shape), value_bytes=2)
         for mp in (8, 64):

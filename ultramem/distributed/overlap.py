@@ -4,11 +4,12 @@ communication with blocks ``i+1..j`` (docs/distributed.md §4).
 The host model computes a span's memory output from block i's normalised FFN input and adds
 it at block j (SPEC §1). :func:`overlap_memory` wraps each memory layer's ``forward`` so that it
 is enqueued on a side stream (after the default stream's pending work, which produced its
-input) and records an event; a forward pre-hook on block j (``model.blocks[j - 1]``) makes the
-default stream wait for that event. The layers' FSDP units keep their parameters unsharded
+input) and records an event; a forward hook on block j (``model.blocks[j - 1]``, run after
+block j's compute, before the host adds the span's output) makes the default stream wait for
+that event. The layers' FSDP units keep their parameters unsharded
 until backward (``reshard_after_forward=False``): freeing them when the wrapped forward
 returns would race with the side stream still reading them. Between the two, the default stream runs blocks
-``i+1..j-1`` while the side stream runs the retrieval and the collectives of the sharded
+``i+1..j`` while the side stream runs the retrieval and the collectives of the sharded
 lookup. Autograd runs each backward op on the stream of its forward op and synchronises
 across streams itself, so the backward overlaps the same way.
 
@@ -43,19 +44,11 @@ def _wrap_forward(layer: nn.Module, side: torch.cuda.Stream, events: dict[int, t
     layer.forward = forward
 
 
-def _first_module(block: nn.Module) -> nn.Module:
-    """The module whose call starts block j: the block when the model calls ``Block.forward``,
-    else (the host model calls the block's parts) its first part, the input norm."""
-    if type(block).forward is not nn.Module.forward:
-        return block
-    return next(block.children())
-
-
 def overlap_memory(model: nn.Module) -> int:
     """Install the side-stream wrappers on ``model`` (built, on its device; after
     :func:`~ultramem.distributed.parallelize.parallelize`). Returns how many layers overlap."""
     device = next(model.parameters()).device
-    spans = getattr(model, "spans", [])
+    spans = model.wiring.spans
     if device.type != "cuda" or not spans:
         return 0
     side = torch.cuda.Stream(device)
@@ -66,11 +59,11 @@ def overlap_memory(model: nn.Module) -> int:
             _wrap_forward(model.memory[n], side, events, n)
             waits.setdefault(span.dst, []).append(n)
     for dst, layers in waits.items():
-        def wait(_module: nn.Module, _args: Any, layers: list[int] = layers) -> None:
+        def wait(_module: nn.Module, _args: Any, _out: Any, layers: list[int] = layers) -> None:
             main = torch.cuda.current_stream(device)
             for n in layers:
                 if n in events:
                     main.wait_event(events.pop(n))
 
-        _first_module(model.blocks[dst - 1]).register_forward_pre_hook(wait)
+        model.blocks[dst - 1].register_forward_hook(wait)
     return sum(len(v) for v in waits.values())

@@ -146,14 +146,6 @@ def _average_over_world(param: nn.Parameter, mesh: DeviceMesh) -> None:
     param.register_hook(hook)
 
 
-def _fsdp_units(block: nn.Module) -> nn.Module | list[nn.Module]:
-    """A block whose ``forward`` the model calls is one unit; otherwise (the host model calls
-    its parts) the parts are one group, unsharded together when the first runs."""
-    if type(block).forward is not nn.Module.forward:
-        return block
-    return [m for m in block.children() if any(True for _ in m.parameters())]
-
-
 def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, str] = "auto",
                 fsdp: bool = True, reshard_after_forward: bool = True, overlap: bool = False) -> ParallelPlan:
     """Shard ``model`` (built and initialised, identical on every rank) in place; returns the plan.
@@ -206,7 +198,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
 
         kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
         for block in model.blocks:
-            fully_shard(_fsdp_units(block), **kw)
+            fully_shard(block, **kw)  # one unit per model.blocks[i] (Block.forward)
         for layer in getattr(model, "memory", []):
             if any(p not in sharded for p in layer.parameters()):
                 fully_shard(layer, ignored_params=sharded, **{**kw, "reshard_after_forward": (
