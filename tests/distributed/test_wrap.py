@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ultramem import checkpoint as ckpt
 from ultramem.config import load_config
 from ultramem.inference.load import load_run
-from ultramem.train import checkpoint as ckpt
 from ultramem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ Resharding: the state dicts are keyed by parameter name (FQN) whatever the wrapp
 target sharding -- a run saved on ``mp = 2`` ranks (row- or column-wise) loads on one process,
 and one saved by a single process loads into a sharded model (docs/distributed.md §5).
 
-Atomicity (the guarantees of :mod:`ultramem.train.checkpoint`): every rank writes into
+Atomicity (the guarantees of :mod:`ultramem.checkpoint`): every rank writes into
 ``.tmp-step_0000100/`` (DCP fsyncs each file); after a barrier rank 0 writes ``state.pt``
 and the manifest, fsyncs them and the directory, renames it to its final name and fsyncs the
 parent. A rank killed mid-save leaves only the ``.tmp-*`` directory, which
