@@ -130,6 +130,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "bf16" | "fp32"
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # multi-process (torchrun): "ddp" | "fsdp" (FSDP2 fully_shard)
+    memory_parallel: int = 1  # fsdp: ranks each memory table is split over (mp; docs/distributed.md)
+    memory_partition: str = "auto"  # fsdp: "auto" (fewest bytes) | "row" | "col"
     log_every: int = 10  # progress-bar refresh and per-layer memory metrics
     eval_every: int = 100  # validation every N steps (0 = only at the end)
     eval_batches: int = 20  # validation batches per evaluation
@@ -157,6 +159,11 @@ class TrainConfig:
             raise ConfigError(f"train.dtype={self.dtype!r}; allowed: 'auto', 'bf16', 'fp32'")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={self.parallel!r}; allowed: 'ddp', 'fsdp'")
+        if self.memory_parallel < 1 or (self.memory_parallel > 1 and self.parallel != "fsdp"):
+            raise ConfigError(f"train.memory_parallel={self.memory_parallel}; allowed: 1, or > 1 with "
+                              "train.parallel=fsdp (it must divide the number of processes)")
+        if self.memory_partition not in ("auto", "row", "col"):
+            raise ConfigError(f"train.memory_partition={self.memory_partition!r}; allowed: 'auto', 'row', 'col'")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_frac in [0, 1)")
 

@@ -2,9 +2,11 @@
 
 The model knows nothing about distribution (torchtitan habit): :func:`init` reads the
 ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), and :func:`wrap` returns
-the model to train -- the model itself on one process, DDP across processes, or FSDP2
-(``fully_shard`` per block and per memory layer, then the root) when ``train.parallel=fsdp``.
-Checkpoints hold full (unsharded) tensors either way (:mod:`ultramem.checkpoint`).
+the model to train -- the model itself on one process, DDP across processes, or, when
+``train.parallel=fsdp``, the model sharded by :mod:`ultramem.distributed.parallelize` (memory
+tables split over ``train.memory_parallel`` ranks, FSDP2 per block for the rest). The trainer's
+checkpoints hold full (unsharded) tensors either way (:mod:`ultramem.checkpoint`);
+:mod:`ultramem.distributed.checkpoint` writes sharded DCP checkpoints that reshard.
 
     torchrun --nproc_per_node 2 -m ultramem.cli train --preset tiny-dense --out runs/x
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ultramem.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -56,29 +60,27 @@ def init(device: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def wrap(model: nn.Module, d: Dist, parallel: str = "ddp") -> nn.Module:
-    """The module to call in the training loop (the unwrapped model stays the one to save)."""
+def wrap(model: nn.Module, d: Dist, parallel: str = "ddp", memory_parallel: int = 1,
+         memory_partition: str = "auto") -> nn.Module:
+    """The module to call in the training loop (the unwrapped model stays the one to save).
+
+    ``fsdp``: :func:`ultramem.distributed.parallelize.parallelize` on the ``(mp, dp)`` mesh with
+    ``mp = memory_parallel``: value tables split over ``mp`` (``memory_partition``) and kept out
+    of FSDP, everything else ``fully_shard``-ed per block over ``dp``."""
     if not d.enabled:
         return model
     if parallel == "ddp":
+        if memory_parallel > 1:
+            raise ConfigError("train.memory_parallel > 1 needs train.parallel=fsdp")
         from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
 
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+        from ultramem.distributed.parallelize import make_mesh, parallelize  # noqa: PLC0415
 
-        # The host model calls a block's parts (norms, attention, ffn) directly, not
-        # ``Block.forward``, so each block's parts are sharded as one group (their hooks
-        # unshard the group when the first part runs); memory layers are called directly too.
-        for block in model.blocks:
-            parts = [m for m in (block.input_layernorm, block.attn, block.post_attention_layernorm, block.ffn)
-                     if m is not None]
-            fully_shard(parts)
-        for layer in model.memory:
-            fully_shard(layer)
-        fully_shard(model)  # the rest: embeddings, final norm, shared memory pools
+        parallelize(model, make_mesh(memory_parallel, d.device.type), partition=memory_partition)
         return model
-    raise ValueError(f"train.parallel={parallel!r}; allowed: 'ddp', 'fsdp'")
+    raise ConfigError(f"train.parallel={parallel!r}; allowed: 'ddp', 'fsdp'")
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -14,6 +14,7 @@ from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import ShapeContext
 from ultramem.layers.tdqkr import KEY_NORMS, QUERY_NORMS
+from ultramem.ops.lookup_reduce import lookup_reduce
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -22,6 +23,10 @@ class RetrievalLayer(SparseLayer):
     """Base of UltraMem and UltraMemV2: the optional causal query conv (SPEC §3.11) feeding the
     retrieval, and the Tucker singular-value aux loss (SPEC §3.7). Subclasses set
     ``self.query_conv`` (or None), ``self.retrieval`` and ``self.cfg`` (``aux_alpha``, ``aux_tau``)."""
+
+    # The value-table op, called as ``self.lookup(...)`` with ``lookup_reduce``'s arguments: the
+    # one hook ``ultramem.distributed.parallelize`` replaces (per instance) with a sharded lookup.
+    lookup = staticmethod(lookup_reduce)
 
     def retrieve(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, S, D]`` -> ``(scores [T, H, m, h_c], addr [T, H, m])``."""

@@ -147,7 +147,10 @@ class TuckerCores(nn.Module):
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute ``u, v`` from the summed core (r x r SVD), keeping the previous sign."""
-        c = self.cores.detach().float().sum(0)
+        c = self.cores.detach()
+        if hasattr(c, "full_tensor"):  # a DTensor shard under FSDP2: every rank needs the whole core
+            c = c.full_tensor()
+        c = c.float().sum(0)
         uu, _, vh = torch.linalg.svd(c)
         u, v = uu[:, 0], vh[0]
         prev = torch.dot(self.u.float(), u) + torch.dot(self.v.float(), v)

@@ -27,7 +27,6 @@ from ultramem.layers.base import ParamGroupHint
 from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
 from ultramem.layers.registry import MemoryLayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
-from ultramem.ops.lookup_reduce import lookup_reduce
 from ultramem.ops.retrieval import ive_address
 from ultramem.ops.skinny_linear import skinny_linear
 
@@ -198,7 +197,7 @@ class UltraMem(RetrievalLayer):
         t = scores.shape[0]
         w = self.weights(scores)
         rows, block = self.address(addr.reshape(t, -1))
-        pooled = lookup_reduce(
+        pooled = self.lookup(
             self.values, rows, w.reshape(t, -1, w.shape[-1]).to(self.values.dtype), block,
             cfg.expansion, impl=cfg.impl,
         )  # [T, E, D_v]

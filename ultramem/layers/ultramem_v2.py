@@ -26,7 +26,6 @@ from ultramem.layers.base import ParamGroupHint
 from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
 from ultramem.layers.registry import MemoryLayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
-from ultramem.ops.lookup_reduce import lookup_reduce
 from ultramem.ops.lookup_reduce.reference import ACTIVATIONS
 from ultramem.ops.skinny_linear import skinny_linear
 
@@ -269,7 +268,7 @@ class UltraMemV2(RetrievalLayer):
         pre_q = None
         if self.pre_proj is not None:  # F.linear, or the decode GEMV kernel
             pre_q = skinny_linear(x.reshape(t, -1), self.pre_proj.weight, impl=cfg.impl).to(pool.values.dtype)
-        pooled = lookup_reduce(
+        pooled = self.lookup(
             pool.values, rows, scores.reshape(t, -1, scores.shape[-1]).to(pool.values.dtype),
             pre_values=pool.pre_values, pre_query=pre_q, activation=cfg.activation, impl=cfg.impl,
         )[:, 0]  # [T, D_v]

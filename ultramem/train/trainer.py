@@ -130,7 +130,7 @@ def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: 
     model = Transformer.build(cfg.model, d.device)
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     step, tokens_seen, optim_state = _restore(cfg, run_dir, last, model, index, d, force)
-    net = distributed.wrap(model, d, tc.parallel)  # FSDP2 swaps in sharded parameters here,
+    net = distributed.wrap(model, d, tc.parallel, tc.memory_parallel, tc.memory_partition)  # sharded params here,
     groups = build_param_groups(model, tc)  # so the optimiser is built after wrapping
     opt = make_optimizer(groups, tc, d.device.type)
     if optim_state is not None:
