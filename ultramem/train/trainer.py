@@ -31,6 +31,7 @@ from ultramem.errors import ConfigError, DataError
 from ultramem.eval.loss import autocast_ctx, bits_per_byte, evaluate_loss
 from ultramem.model.transformer import Transformer
 from ultramem.train import checkpoint as ckpt
+from ultramem.train.clip import clip_gradients
 from ultramem.train.metrics import MetricsLogger, peak_flops, plot_runs, train_flops_per_token
 from ultramem.train.optim import build_param_groups, make_optimizer, set_lr
 
@@ -168,10 +169,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = True, force: bool = F
             track = (step + 1) % tc.log_every == 0 or step == 0
             model.set_track_metrics(track)
             loss_sum, aux_sum, aux_parts, layer_metrics = _accumulate(net, train_batches, step, tc, d)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                         if tc.grad_clip > 0 else torch.tensor(0.0))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                grad_norm = grad_norm.full_tensor()
+            norms = clip_gradients(groups, tc.grad_clip_mode, tc.grad_clip)  # pre-clip norms
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.after_optimizer_step(step)
@@ -182,7 +180,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = True, force: bool = F
             dt = time.perf_counter() - t0
             tok_s = tokens_per_step / dt
             tok_s_ema = tok_s if tok_s_ema is None or step <= 2 else 0.9 * tok_s_ema + 0.1 * tok_s
-            row: dict[str, Any] = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+            row: dict[str, Any] = {"step": step, "loss": loss_val, "lr": lr, **norms,
                                    "tokens": tokens_seen, "tokens_per_s": tok_s, "dt": dt}
             if peak:
                 row["mfu"] = tok_s * flops_tok / (peak * d.world)
