@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ultramem.config import load_config
 from ultramem.model.transformer import Transformer
@@ -101,3 +102,26 @@ def test_aux_losses_collected_once():
     assert all(k.endswith(".balance") for k in out.aux_losses)
     assert model(torch.randint(0, 97, (2, 8))).aux_loss is not None  # refreshed, not accumulated
     assert all(not layer._aux_losses for layer in model.sparse_layers())
+
+
+@pytest.mark.parametrize("name", ["tiny-pkm", "tiny-ultramem", "tiny-ultramem-v2"])
+def test_forward_is_a_loop_over_callable_blocks(name):
+    """Calling ``model.blocks[i]`` and the memory layers by the wiring plan reproduces the model
+    exactly, and every block is entered through ``Block.forward`` once (what FSDP/compile wrap)."""
+    model = _model(name, *_placement_for_3_blocks(name))
+    calls = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, a: calls.append(m.index))
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        want = model(idx).logits
+        assert calls == [1, 2, 3]
+        x, pending = model.embed_tokens(idx), {}
+        for block in model.blocks:
+            x, h = block(x)
+            for n in model.wiring.reads(block.index):
+                pending.setdefault(model.wiring.spans[n].dst, []).append(model.memory[n](h))
+            for y in pending.pop(block.index, []):
+                x = x + y
+        got = F.linear(model.norm(x), model.embed_tokens.weight)
+    assert len(model.memory) > 0 and torch.equal(got, want)

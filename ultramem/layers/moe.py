@@ -21,7 +21,7 @@ from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 
 
-@register_layer("moe", role="ffn")
+@register_layer("moe")
 @dataclass
 class MoEConfig(LayerConfig):
     """UltraMem's baseline is "2-in-N" (top_k 2); UltraMemV2's is OLMoE-style 8-of-64 SwiGLU."""
@@ -54,6 +54,9 @@ class MoEConfig(LayerConfig):
             raise ConfigError(f"{where}.impl={self.impl!r}; allowed: 'auto', 'grouped_mm', 'loop'")
         if self.n_shared < 0 or self.balance_weight < 0 or self.z_loss_weight < 0:
             raise ConfigError(f"{where}: n_shared, balance_weight and z_loss_weight must be >= 0")
+
+    def ffn_shape(self) -> tuple[int, bool]:
+        return self.hidden, self.activation == "swiglu"  # each expert's width (SPEC §4.5 init)
 
     def _mats(self) -> int:
         return 3 if self.activation == "swiglu" else 2

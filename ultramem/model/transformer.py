@@ -2,19 +2,21 @@
 
 Data flow for block i (1-based)::
 
-    x = x + attn(norm1(x))
-    h = norm2(x)                          # the "normalised FFN input"
-    y = ffn(h)                            # model.ffn (mlp / moe), unless replaced by memory
+    x, h = block_i(x)                     # Block.forward:
+                                          #   x = x + attn(input_layernorm(x))
+                                          #   h = post_attention_layernorm(x)  "normalised FFN input"
+                                          #   x = x + ffn(h)   (model.ffn, unless memory replaces it)
     for each memory span i:j  ->  out = memory(h), held until block j
-    x = x + y + sum(outputs of spans ending at block i)
+    x = x + sum(outputs of spans ending at block i)
 
-Memory layers are built from ``model.memory`` through the layer registry; the model never
-branches on layer type names.
+``Transformer.forward`` is a loop over ``self.blocks`` (so FSDP and ``torch.compile`` can wrap
+each ``model.blocks[i]``) plus the memory layers in ``self.memory``, called between blocks as
+the one wiring plan (:meth:`ModelConfig.wiring`) says. Layers are built from ``model.ffn`` and
+``model.memory`` through the layer registry; the model never branches on layer type names.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,19 +25,13 @@ from torch import nn
 
 from ultramem.config import ModelConfig
 from ultramem.layers.base import SparseLayer
-from ultramem.layers.registry import ShapeContext
 from ultramem.model.attention import Attention, Rotary
-from ultramem.model.placement import Span, parse_placement
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
-
-
-def norm_params(cfg: ModelConfig, dim: int) -> int:
-    return dim if cfg.norm == "rmsnorm" else 2 * dim
 
 
 @dataclass
@@ -48,6 +44,9 @@ class ModelOutput:
 
 
 class Block(nn.Module):
+    """One decoder block: attention and the block's FFN (``None`` where a memory layer
+    replaces it). Memory layers are not part of the block: they read the ``h`` it returns."""
+
     def __init__(self, cfg: ModelConfig, index: int, rotary: Rotary, ffn: SparseLayer | None) -> None:
         super().__init__()
         self.index = index  # 1-based
@@ -57,6 +56,17 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, S, D]`` -> ``(x [B, S, D], h [B, S, D])``: the residual stream after attention
+        and the FFN, and ``h``, the normalised FFN input that memory spans starting here read.
+
+        ``state``: this block's decode state (``"attn"``: the KV cache, ``"ffn"``), or None."""
+        x = x + self.drop(self.attn(self.input_layernorm(x), _sub(state, "attn")))
+        h = self.post_attention_layernorm(x)
+        if self.ffn is not None:
+            x = x + self.drop(self.ffn(h, _sub(state, "ffn")))
+        return x, h
+
 
 class Transformer(nn.Module):
     """Decoder LM. ``forward(idx [B, S], targets [B, S] | None, state | None) -> ModelOutput``."""
@@ -65,29 +75,21 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.wiring = plan = cfg.wiring()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.spans: list[Span] = (
-            parse_placement(cfg.memory.placement, cfg.n_layers, cfg.memory) if cfg.memory else []
-        )
-        replaced = {s.src for s in self.spans} if cfg.memory is not None and getattr(cfg.memory, "replace_ffn", False) else set()
-        base_shape = ShapeContext.for_model(cfg, len(self.spans))
         self.blocks = nn.ModuleList(
-            Block(cfg, i, self.rotary, None if i in replaced else cfg.ffn.build(ShapeContext.for_model(cfg, len(self.spans), block_index=i)))
-            for i in range(1, cfg.n_layers + 1)
+            Block(cfg, i, self.rotary, None if shape is None else cfg.ffn.build(shape))
+            for i, shape in enumerate(plan.ffn, 1)
         )
-        self.memory_shared = cfg.memory.build_shared(base_shape) if cfg.memory else None
+        mem = cfg.memory
+        self.memory_shared = mem.build_shared(plan.shared) if mem is not None else None
         self.memory = nn.ModuleList(
-            cfg.memory.build(
-                ShapeContext.for_model(cfg, len(self.spans), mem_index=n, block_index=s.src),
-                self.memory_shared,
-            )
-            for n, s in enumerate(self.spans)
-        ) if cfg.memory else nn.ModuleList()
+            [mem.build(shape, self.memory_shared) for shape in plan.memory] if mem is not None else []
+        )
+        self.drop = nn.Dropout(cfg.dropout)  # on memory outputs, as on every residual branch
         self.norm = make_norm(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self._reads = {i: [n for n, s in enumerate(self.spans) if s.src == i] for i in range(1, cfg.n_layers + 1)}
-        self._writes = {i: [n for n, s in enumerate(self.spans) if s.dst == i] for i in range(1, cfg.n_layers + 1)}
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -132,16 +134,15 @@ class Transformer(nn.Module):
         """``idx [B, S]`` token ids. ``state``: a dict this method fills for decoding (KV cache
         and per-layer states); pass the same dict back with the next token(s)."""
         x = self.embed_tokens(idx)
-        pending: dict[int, list[torch.Tensor]] = {}
+        pending: dict[int, list[torch.Tensor]] = {}  # block j -> outputs of spans ending there
         for block in self.blocks:
             i = block.index
-            x = x + block.drop(block.attn(block.input_layernorm(x), _sub(state, f"attn{i}")))
-            h = block.post_attention_layernorm(x)
-            out = block.ffn(h, _sub(state, f"ffn{i}")) if block.ffn is not None else None
-            for n in self._reads[i]:
-                pending.setdefault(self.spans[n].dst, []).append(self.memory[n](h, _sub(state, f"mem{n}")))
-            for y in ([out] if out is not None else []) + pending.pop(i, []):
-                x = x + block.drop(y)
+            x, h = block(x, _sub(state, f"block{i}"))
+            for n in self.wiring.reads(i):
+                dst = self.wiring.spans[n].dst
+                pending.setdefault(dst, []).append(self.memory[n](h, _sub(state, f"mem{n}")))
+            for y in pending.pop(i, []):
+                x = x + self.drop(y)
         x = self.norm(x)
         logits = F.linear(x, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
         return self._output(logits, targets)
@@ -186,8 +187,3 @@ class Transformer(nn.Module):
 
 def _sub(state: dict | None, key: str) -> dict | None:
     return None if state is None else state.setdefault(key, {})
-
-
-def init_std_default(d_model: int) -> float:
-    """sqrt(2 / (5 D)) (small-init, used by the V2 configs)."""
-    return math.sqrt(2.0 / (5.0 * d_model))
