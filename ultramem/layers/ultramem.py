@@ -63,6 +63,7 @@ class UltraMemConfig(MemoryLayerConfig):
     value_lr: float = 0.0  # > 0: a fixed value LR instead (PKM: 1e-3)
     value_lr_constant: bool = False  # with value_lr: ignore warmup/cosine (PKM)
     query_conv: int = 4  # §3.11 causal depthwise conv kernel (0: off)
+    value_weight_decay: float = 0.0  # AdamW decay of the value table (authors' code: the default 0.1)
     metrics_window: int = 100  # forwards per coverage window (track_metrics only)
     impl: str = "auto"  # op implementation: auto | torch | triton
 
@@ -116,6 +117,8 @@ class UltraMemConfig(MemoryLayerConfig):
                 f"{where}.knum={self.knum} with expansion={e} gives {self.n_keys() ** 2} logical addresses; "
                 "the IVE permutation is int32: allowed N^2 < 2^31"
             )
+        if self.value_weight_decay < 0:
+            raise ConfigError(f"{where}.value_weight_decay={self.value_weight_decay}; allowed: >= 0")
         if self.init not in ("improved", "pkm", "authors"):
             raise ConfigError(f"{where}.init={self.init!r}; allowed: 'improved', 'pkm', 'authors'")
 
@@ -193,9 +196,10 @@ class UltraMem(RetrievalLayer):
     def param_group_hints(self) -> list[ParamGroupHint]:
         cfg = self.cfg
         if cfg.value_lr > 0:
-            return [ParamGroupHint("ultramem_values", [self.values], weight_decay=0.0, lr=cfg.value_lr, constant_lr=cfg.value_lr_constant)]
+            return [ParamGroupHint("ultramem_values", [self.values], weight_decay=cfg.value_weight_decay,
+                                   lr=cfg.value_lr, constant_lr=cfg.value_lr_constant)]
         mult = value_lr_multiplier(cfg.value_lr_mult, cfg.value_lr_decay_frac)
-        return [ParamGroupHint("ultramem_values", [self.values], weight_decay=0.0, lr_multiplier=mult)]
+        return [ParamGroupHint("ultramem_values", [self.values], weight_decay=cfg.value_weight_decay, lr_multiplier=mult)]
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
