@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from ultramem.config import Config, apply_override, load_config
+from ultramem.config import Config, apply_override
 from ultramem.errors import ConfigError
 from ultramem.layers.moe import MoEConfig
 from ultramem.layers.pkm import PKMConfig
+from ultramem.resolve import load_config
 
 
 def test_dotted_overrides_types_and_nesting():

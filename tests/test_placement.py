@@ -55,8 +55,8 @@ def test_wiring_plan_spans_replaced_blocks_and_shapes():
 def test_model_accounting_and_validation_read_one_plan():
     """The built model's layers are exactly the plan's; the accounting counts the same model."""
     from ultramem.accounting import count
-    from ultramem.config import load_config
     from ultramem.model.transformer import Transformer
+    from ultramem.resolve import load_config
 
     cfg = load_config("tiny-pkm", overrides=["model.memory.placement=1:1/3:3", "model.memory.replace_ffn=true"]).model
     plan = cfg.wiring()

@@ -49,7 +49,7 @@ def test_meta_build_does_not_allocate_large_presets():
 
 
 def test_replace_ffn_drops_the_mlp_and_accounting_follows():
-    from ultramem.config import load_config
+    from ultramem.resolve import load_config
 
     cfg = load_config("tiny-pkm", overrides=["model.memory.replace_ffn=true"])
     model = Transformer.build(cfg.model)

@@ -4,11 +4,14 @@ The run config is a tree: ``Config(model=ModelConfig(ffn=..., memory=...), train
 Layer configs (``model.ffn``, ``model.memory``) are polymorphic: each registered layer type has
 its own dataclass (see :mod:`ultramem.layers.registry`), serialised with a ``"type"`` key.
 
-Precedence (as in lingua): dataclass defaults < preset < config file (JSON) < dotted overrides::
+Precedence (as in lingua): dataclass defaults < preset < config file (JSON) < dotted overrides,
+resolved by :func:`ultramem.resolve.load_config` (above the presets, which import this module)::
 
     cfg = load_config(preset="tiny-ultramem", overrides=["model.d_model=128", "train.max_steps=20"])
 
-Unknown fields are rejected with the nearest valid name suggested.
+Here: the tree, :func:`overlay` (a config file's dict onto a config), :func:`apply_override`
+(one dotted override) and JSON save/load. Unknown fields are rejected with the nearest valid
+name suggested.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ultramem.layers  # noqa: F401  (fills the layer registry with every built-in type)
 from ultramem.errors import ConfigError
 from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.registry import LayerConfig, MemoryLayerConfig, layer_config_class, layer_types
@@ -298,6 +302,37 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def overlay(obj: Any, d: dict[str, Any], where: str = "") -> Any:
+    """Overlay a config file's nested dict onto the dataclass ``obj`` in place (and return it):
+    fields the dict names replace those of ``obj``, the rest stay (a preset under a file).
+
+    A layer config the dict gives without a ``"type"``, or with the type it already has, is
+    overlaid the same way; one with another type (or where ``obj`` has none) is built from the
+    dict and that type's defaults, as :meth:`Config.from_dict` builds it. ``null`` removes it."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a JSON object, got {d!r}")
+    hints = _field_types(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in d.items():
+        if key not in names:
+            raise _unknown(key, where, names)
+        tp, current = hints[key], getattr(obj, key)
+        if value is not None and _is_layer_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a JSON object with a 'type', got {value!r}")
+            fields = {k: v for k, v in value.items() if k != "type"}
+            kind = value.get("type")
+            if current is None or (kind is not None and kind != current.type):
+                setattr(obj, key, _layer_from_dict(value, f"{where}{key}"))
+            else:
+                overlay(current, fields, f"{where}{key}.")
+        elif value is not None and dataclasses.is_dataclass(tp):
+            overlay(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, f"{where}{key}"))
+    return obj
+
+
 def apply_override(cfg: Config, dotted: str) -> None:
     """Apply one ``a.b.c=value`` override in place.
 
@@ -347,19 +382,3 @@ def _parent(cfg: Config, parts: list[str]) -> Any:
     for name in parts[:-1]:
         obj = getattr(obj, name)
     return obj
-
-
-def load_config(
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> Config:
-    """Defaults, then a preset, then a JSON config file, then dotted overrides; validated."""
-    from ultramem.presets import get_preset  # noqa: PLC0415 (presets import this module)
-
-    cfg = get_preset(preset) if preset else Config()
-    if config_file is not None:
-        cfg = Config.from_dict(json.loads(Path(config_file).read_text()))
-    for item in overrides:
-        apply_override(cfg, item)
-    return cfg.validate()

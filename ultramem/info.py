@@ -10,8 +10,8 @@ import argparse
 import json
 
 from ultramem.accounting import count, embedding_params
-from ultramem.config import load_config
 from ultramem.presets import get_preset_info, preset_names
+from ultramem.resolve import load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -36,8 +36,8 @@ def test_pkm_matches_definition():
 
 
 def test_memory_plus_shares_one_table():
-    from ultramem.config import load_config
     from ultramem.model.transformer import Transformer
+    from ultramem.resolve import load_config
 
     model = Transformer.build(load_config("tiny-memory-plus").model)
     tables = {id(layer.shared.values) for layer in model.memory}

@@ -213,8 +213,9 @@ def test_value_lr_multiplier_schedule_and_hint():
     assert fn(250, total) == pytest.approx(5.5)  # T_d / 2
     assert fn(500, total) == pytest.approx(1.0)
     assert fn(900, total) == pytest.approx(1.0)
-    (hint,) = build().param_group_hints()
-    assert hint.params[0] is not None and hint.weight_decay == 0.0
+    layer = build()
+    (hint,) = layer.param_group_hints()
+    assert len(hint.params) == 1 and hint.params[0] is layer.values and hint.weight_decay == 0.0
     assert hint.lr_multiplier(0, 100) == pytest.approx(10.0)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ultramem.errors import ConfigError
 from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.registry import ShapeContext
-from ultramem.layers.ultramem_v2 import UltraMemV2Config, ring_rows
+from ultramem.layers.ultramem_v2 import UltraMemV2Config
 
 D = 32
 SMALL = dict(knum=8, key_dim=16, heads=1, topk=8, value_dim=12, pre_value_dim=6, calib_samples=128)
@@ -40,12 +40,19 @@ def test_ring_address_map_small_numbers():
     shape = ShapeContext(d_model=D, n_layers=4, n_mem_layers=4)
     assert cfg.pool_rows(shape) == 16 and cfg.window(shape) == 8
     local = torch.arange(8)
-    assert ring_rows(local, 0, 4, 16, 8, "forward").tolist() == list(range(8))
-    assert ring_rows(local, 1, 4, 16, 8, "forward").tolist() == list(range(4, 12))
-    assert ring_rows(local, 3, 4, 16, 8, "forward").tolist() == [12, 13, 14, 15, 0, 1, 2, 3]  # wraps
+    layers = {ring: build_all(n_mem=4, n_layers=4, knum=2, topk=2, share_ratio=0.5, ring=ring)[2]
+              for ring in ("forward", "centred")}
+
+    def ring_rows(layer: int, ring: str) -> list[int]:  # the layers' own map, local -> pool row
+        _, rows = layers[ring][layer].pool_rows_for(local)
+        return rows.tolist()
+
+    assert ring_rows(0, "forward") == list(range(8))
+    assert ring_rows(1, "forward") == list(range(4, 12))
+    assert ring_rows(3, "forward") == [12, 13, 14, 15, 0, 1, 2, 3]  # wraps
     # centred: the window starts (P' - P) / 2 = 2 rows before the layer's own table
-    assert ring_rows(local, 0, 4, 16, 8, "centred").tolist() == [14, 15, 0, 1, 2, 3, 4, 5]
-    assert ring_rows(local, 2, 4, 16, 8, "centred").tolist() == list(range(6, 14))
+    assert ring_rows(0, "centred") == [14, 15, 0, 1, 2, 3, 4, 5]
+    assert ring_rows(2, "centred") == list(range(6, 14))
     # share_ratio 1: every layer sees the whole pool
     full = UltraMemV2Config(knum=2, share_ratio=1.0)
     assert full.window(shape) == 16

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from ultramem.config import TrainConfig, load_config
+from ultramem.config import TrainConfig
 from ultramem.layers.base import ParamGroupHint, SparseLayer
 from ultramem.model.transformer import Transformer
 from ultramem.presets import preset_names
+from ultramem.resolve import load_config
 from ultramem.train.optim import build_param_groups, check_coverage, lr_factor
 
 TINY = [p for p in preset_names() if p.startswith("tiny-")]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from train_helpers import tiny_overrides
 
-from ultramem.config import load_config
 from ultramem.errors import ConfigError, DataError
+from ultramem.resolve import load_config
 from ultramem.train import checkpoint as ckpt
 from ultramem.train.trainer import train
 

@@ -31,7 +31,7 @@ query convolution's rolling window, SPEC §3.11). ``None`` means a full-sequence
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,7 +51,6 @@ class ParamGroupHint:
     lr: float | None = None
     lr_multiplier: Callable[[int, int], float] | None = None
     constant_lr: bool = False  # True: ignore warmup/cosine (PKM's constant value LR)
-    extra: dict = field(default_factory=dict)
 
 
 class SparseLayer(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 
 from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
+from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 
 
@@ -124,8 +125,6 @@ class MoE(SparseLayer):
         self._grouped_failed = False
         self.shared_experts = None
         if cfg.n_shared:
-            from ultramem.layers.mlp import MLPConfig  # noqa: PLC0415
-
             mlp = MLPConfig(hidden=cfg.n_shared * (cfg.shared_hidden or h), activation=cfg.activation, init_std=cfg.init_std)
             self.shared_experts = mlp.build(shape)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ultramem.errors import ConfigError
+from ultramem.layers.norm import make_norm
 from ultramem.layers.registry import MemoryLayerConfig, ShapeContext
 from ultramem.ops.retrieval import product_key_topk
 
@@ -71,12 +72,8 @@ class ProductKeyRetrieval(nn.Module):
         super().__init__()
         self.heads, self.n_keys, self.key_dim, self.m, self.k, self.impl = heads, n_keys, key_dim, m, k, impl
         self.query_proj = nn.Linear(d_model, heads * 2 * key_dim, bias=False)
-        if query_norm == "batchnorm":  # Lample et al.: BatchNorm on the query
-            self.query_norm: nn.Module = nn.BatchNorm1d(heads * 2 * key_dim)
-        elif query_norm == "layernorm":
-            self.query_norm = nn.LayerNorm(key_dim)
-        else:
-            self.query_norm = nn.Identity()
+        # Lample et al.: BatchNorm over the whole query projection; LayerNorm over each K-dim query
+        self.query_norm = make_norm(query_norm, heads * 2 * key_dim if query_norm == "batchnorm" else key_dim)
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim))  # [H, row/col, N, K]
 
     @torch.no_grad()

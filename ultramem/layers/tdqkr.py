@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.layers.norm import make_norm
 from ultramem.ops.key_scores import key_scores
 from ultramem.ops.retrieval import product_key_topk, tucker_topk
 from ultramem.ops.skinny_linear import skinny_linear
@@ -165,14 +166,6 @@ class TuckerCores(nn.Module):
         return alpha * F.relu(s[1:] - tau).pow(2).mean()
 
 
-def _norm(kind: str, dim: int) -> nn.Module:
-    if kind == "layernorm":
-        return nn.LayerNorm(dim)
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim)
-    return nn.Identity()
-
-
 class MemoryRetrieval(nn.Module):
     """``x [T, D] -> (scores [T, H, m, h_c], addr [T, H, m])``, addr in ``[0, N^2)``."""
 
@@ -180,8 +173,9 @@ class MemoryRetrieval(nn.Module):
         super().__init__()
         self.spec, self.impl = spec, impl
         self.query_proj = nn.Linear(spec.d_model, spec.query_out, bias=False)
-        self.query_norm = nn.BatchNorm1d(spec.query_out) if spec.query_norm == "batchnorm" else _norm(spec.query_norm, spec.key_dim)
-        self.key_norm = _norm(spec.key_norm, spec.key_dim)
+        # BatchNorm over the whole projection (Lample et al.); the others over each K-dim query
+        self.query_norm = make_norm(spec.query_norm, spec.query_out if spec.query_norm == "batchnorm" else spec.key_dim)
+        self.key_norm = make_norm(spec.key_norm, spec.key_dim)
         # [row/col, H, N, r, K]: per-head keys, each with r sub-keys (SPEC §3.7); side-major, so
         # each side's keys are one contiguous [H * N * r, K] matrix for the score matmul
         self.keys = nn.Parameter(torch.empty(2, spec.heads, spec.n_keys, spec.sub_keys, spec.key_dim))
@@ -293,10 +287,3 @@ def calibrate_gains(retrieval: MemoryRetrieval, samples: int, softmax: bool = Fa
     for w in gains:
         w.mul_(factor)
     return mu, rel_var
-
-
-def topm_gaussian_mean(n: int, m: int, samples: int = 64, seed: int = 0) -> float:
-    """Mean of the top-m of n standard normals, by sampling (the paper's Appendix-A estimate;
-    reported as a metric of how far the product-key grid is from independent scores)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(samples, n, generator=g).topk(min(m, n), dim=-1).values.mean().item()

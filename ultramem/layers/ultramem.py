@@ -144,7 +144,6 @@ class UltraMem(RetrievalLayer):
         else:
             self.perm = None
         self.coverage = CoverageTracker(cfg.rows(), cfg.metrics_window)
-        self.init_stats: dict[str, float] = {}
 
     # ---- init (§3.9) ----------------------------------------------------------------------
     @torch.no_grad()
@@ -158,11 +157,10 @@ class UltraMem(RetrievalLayer):
         self.coverage.reset()
         e, dv = cfg.expansion, self.value_dim
         if cfg.init == "improved":
-            mu, rel_var = calibrate_gains(self.retrieval, cfg.calib_samples, cfg.softmax)
+            calibrate_gains(self.retrieval, cfg.calib_samples, cfg.softmax)
             # sigma_V^2 = E / (2 m H L): each virtual block pools ~ m H / E rows with weight ~1
             std = math.sqrt(e / (2 * cfg.topk * cfg.heads * self.n_layers))
             proj_std = 1.0 / math.sqrt(e * dv)  # variance-preserving W_o: y ~ N(0, 1/(2L))
-            self.init_stats = {"raw_score_mean": mu, "score_rel_var": rel_var}
         elif cfg.init == "authors":
             std, proj_std = self._authors_init()
         else:

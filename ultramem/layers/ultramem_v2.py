@@ -213,16 +213,12 @@ class ValuePool(nn.Module):
         return ParamGroupHint("ultramem_v2_values", params, weight_decay=cfg.value_weight_decay, lr_multiplier=mult)
 
 
-def ring_rows(local: torch.Tensor, layer: int, rows: int, pool_rows: int, window: int, ring: str) -> torch.Tensor:
-    """§4.4: window-local address ``[0, P')`` of layer ``layer`` -> pool row ``[0, P_all)``.
-
-    forward: the window opens at the layer's own table, ``(local + l P) mod P_all``;
-    centred: it is centred on the own table, shifted back by ``(P' - P) // 2``."""
-    return (local + ring_start(layer, rows, window, ring)) % pool_rows
-
-
 def ring_start(layer: int, rows: int, window: int, ring: str) -> int:
-    """First pool row (before the modulo) of layer ``layer``'s window."""
+    """First pool row (before the modulo) of layer ``layer``'s window (§4.4): a window-local
+    address ``a`` in ``[0, P')`` maps to pool row ``(a + ring_start) mod P_all``.
+
+    forward: the window opens at the layer's own table, ``l P``; centred: it is centred on the
+    own table, shifted back by ``(P' - P) // 2``."""
     return layer * rows - ((window - rows) // 2 if ring == "centred" else 0)
 
 
@@ -240,7 +236,6 @@ class UltraMemV2(RetrievalLayer):
         self.out_proj = nn.Linear(dv, d, bias=False)  # W_o: the single projection (§4.3)
         self.coverage = CoverageTracker(self.window, cfg.metrics_window)
         self.__dict__["pool"] = pool  # not a submodule: the model owns the pool (counted once)
-        self.init_stats: dict[str, float] = {}
         # The window's start as a tensor, not a Python int: torch.compile would otherwise
         # specialise (and recompile) the forward once per layer.
         self.register_buffer("ring_offset", torch.empty((), dtype=torch.long), persistent=False)
@@ -263,9 +258,8 @@ class UltraMemV2(RetrievalLayer):
         if self.perm is not None:
             self.perm.copy_(torch.randperm(self.perm.numel()).to(self.perm.device, torch.int32))
         if cfg.init == "principled":
-            mu, rel_var = calibrate_gains(self.retrieval, cfg.calib_samples)
+            _, rel_var = calibrate_gains(self.retrieval, cfg.calib_samples)
             self.pool.score_rel_vars[self.mem_index] = rel_var
-            self.init_stats = {"raw_score_mean": mu, "score_rel_var": rel_var}
 
     def param_group_hints(self) -> list[ParamGroupHint]:
         return [self.pool.param_group_hint()] if self.mem_index == 0 else []  # the pool once

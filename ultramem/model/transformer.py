@@ -25,13 +25,8 @@ from torch import nn
 
 from ultramem.config import ModelConfig
 from ultramem.layers.base import SparseLayer
+from ultramem.layers.norm import make_norm
 from ultramem.model.attention import Attention, Rotary
-
-
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
 @dataclass
@@ -50,9 +45,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, rotary: Rotary, ffn: SparseLayer | None) -> None:
         super().__init__()
         self.index = index  # 1-based
-        self.input_layernorm = make_norm(cfg, cfg.d_model)
+        self.input_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, rotary, cfg.dropout)
-        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -88,7 +83,7 @@ class Transformer(nn.Module):
             [mem.build(shape, self.memory_shared) for shape in plan.memory] if mem is not None else []
         )
         self.drop = nn.Dropout(cfg.dropout)  # on memory outputs, as on every residual branch
-        self.norm = make_norm(cfg, cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     # ---- construction ----------------------------------------------------------------------

@@ -8,70 +8,25 @@ Each preset records the published figures it must match (``published``) so tests
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ultramem.config import Config
 from ultramem.errors import ConfigError
+from ultramem.presets import ablation, baselines, memory  # noqa: F401  (each registers its presets)
+from ultramem.presets.registry import PRESETS, Preset, Published, register_preset
 
-
-@dataclass(frozen=True)
-class Published:
-    """Figures a preset must reproduce: params within 2 %, GFLOPs within 5 % (``None``: not
-    published). ``convention`` states how the source counts when it differs from SPEC §1."""
-
-    params: float | None = None  # absolute count
-    gflops: float | None = None
-    active_params: float | None = None
-    source: str = ""
-    convention: str = ""
-    # V2 Table 10 counts differently from SPEC §1 (see SPEC §6): add the tied input embedding.
-    embedding_in_params: bool = False
-    embedding_in_active: bool = False
-    params_tolerance: float = 0.02
-    gflops_tolerance: float = 0.05
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    make: Callable[[], Config]
-    description: str
-    published: Published = field(default_factory=Published)
-    tags: tuple[str, ...] = ()
-
-
-_PRESETS: dict[str, Preset] = {}
-
-
-def register_preset(
-    name: str, description: str, published: Published | None = None, tags: tuple[str, ...] = ()
-) -> Callable[[Callable[[], Config]], Callable[[], Config]]:
-    def wrap(fn: Callable[[], Config]) -> Callable[[], Config]:
-        if name in _PRESETS:
-            raise ValueError(f"preset {name!r} registered twice")
-        _PRESETS[name] = Preset(name, fn, description, published or Published(), tags)
-        return fn
-
-    return wrap
-
-
-def _load() -> None:
-    from ultramem.presets import ablation, baselines, memory  # noqa: F401,PLC0415
+__all__ = ["Preset", "Published", "get_preset", "get_preset_info", "preset_names", "register_preset"]
 
 
 def preset_names() -> list[str]:
-    _load()
-    return list(_PRESETS)
+    return list(PRESETS)
 
 
 def get_preset_info(name: str) -> Preset:
-    _load()
-    if name not in _PRESETS:
-        near = difflib.get_close_matches(name, list(_PRESETS), n=3, cutoff=0.4)
+    if name not in PRESETS:
+        near = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise ConfigError(f"--preset={name!r} is not a preset{hint} (`ultramem info --list` lists them)")
-    return _PRESETS[name]
+    return PRESETS[name]
 
 
 def get_preset(name: str) -> Config:

@@ -18,7 +18,7 @@ import dataclasses
 from ultramem.config import Config, DataConfig, ModelConfig, TrainConfig
 from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.ultramem import UltraMemConfig
-from ultramem.presets import register_preset
+from ultramem.presets.registry import register_preset
 
 D, BLOCKS = 256, 8
 

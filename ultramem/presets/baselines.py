@@ -9,7 +9,7 @@ from ultramem.layers.memory_plus import MemoryPlusConfig
 from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.moe import MoEConfig
 from ultramem.layers.pkm import PKMConfig
-from ultramem.presets import Published, register_preset
+from ultramem.presets.registry import Published, register_preset
 
 TABLE6 = "UltraMem (ICLR 2025) Table 6"
 TABLE10 = "UltraMemV2 (2025) Table 10"

@@ -13,8 +13,8 @@ from ultramem.layers.memory_plus import MemoryPlusConfig
 from ultramem.layers.mlp import MLPConfig
 from ultramem.layers.ultramem import UltraMemConfig
 from ultramem.layers.ultramem_v2 import UltraMemV2Config
-from ultramem.presets import Published, register_preset
 from ultramem.presets.baselines import NAMES, TABLE6, TABLE10, olmoe_model, paper_config, tiny_config
+from ultramem.presets.registry import Published, register_preset
 
 # ---- UltraMem Table 6 (x12 sparse parameters) -------------------------------------------------
 # Common setting (Table 5): r = 2, h_c = 2, E = 4, aux alpha 0.001 / tau 0.15, value LR x10 -> x1,

@@ -16,8 +16,8 @@ import json
 import os
 import sys
 
-from ultramem.config import load_config
 from ultramem.errors import CheckpointError, DataError
+from ultramem.resolve import load_config
 from ultramem.train.trainer import train
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ultramem.config import load_config
 from ultramem.data.corpus import default_corpus
 from ultramem.data.prepare import INDEX, prepare_documents, unigram_entropy
 from ultramem.data.tokenizer import Tokenizer
@@ -28,6 +27,7 @@ from ultramem.eval.cli import evaluate_run
 from ultramem.inference.generate import generate
 from ultramem.inference.load import load_run
 from ultramem.presets import preset_names
+from ultramem.resolve import load_config
 from ultramem.train.metrics import plot_runs
 from ultramem.train.trainer import train
 
