@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ultramem.accounting import count
-from ultramem.config import Config, load_config
+from ultramem.config import Config
 from ultramem.errors import ConfigError
+from ultramem.resolve import load_config
 
 ROOTS = tuple(dict.fromkeys((Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments")))
 

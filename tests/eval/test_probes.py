@@ -4,10 +4,10 @@ teacher-forced scoring."""
 import pytest
 import torch
 
-from ultramem.config import load_config
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.eval import probes
 from ultramem.model.transformer import Transformer
+from ultramem.resolve import load_config
 
 
 def test_generators_are_deterministic_per_seed_and_differ_across_seeds():

@@ -4,11 +4,11 @@ UltraMemV2 address shuffle and weight decay on the value tables (v1 and V2)."""
 import pytest
 import torch
 
-from ultramem.config import load_config
 from ultramem.errors import ConfigError
 from ultramem.layers.registry import ShapeContext
 from ultramem.layers.ultramem_v2 import UltraMemV2Config
 from ultramem.model.transformer import Transformer
+from ultramem.resolve import load_config
 from ultramem.train.optim import build_param_groups
 
 D = 32

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from ultramem.config import load_config
 from ultramem.errors import ConfigError
 from ultramem.model.transformer import Transformer
+from ultramem.resolve import load_config
 from ultramem.train.clip import clip_gradients
 from ultramem.train.optim import build_param_groups
 
