@@ -27,6 +27,7 @@ COMMANDS = (
     "ultramem.eval.cli",
     "ultramem.inference.generate",
     "ultramem.train.demo",
+    "ultramem.experiment",
 )
 
 

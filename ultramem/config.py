@@ -124,7 +124,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+    # which norm grad_clip applies to (ultramem.train.clip): "global" (one norm over every
+    # parameter) | "exclude_values" (dense params on their own norm, value tables unclipped)
+    # | "per_group" (dense params, and each value-table group, on its own norm)
+    grad_clip_mode: str = "global"
     seed: int = 0  # model init and data order
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "bf16" | "fp32"
@@ -157,6 +161,9 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype={self.dtype!r}; allowed: 'auto', 'bf16', 'fp32'")
+        if self.grad_clip_mode not in ("global", "exclude_values", "per_group"):
+            raise ConfigError(f"train.grad_clip_mode={self.grad_clip_mode!r}; "
+                              "allowed: 'global', 'exclude_values', 'per_group'")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel={self.parallel!r}; allowed: 'ddp', 'fsdp'")
         if self.memory_parallel < 1 or (self.memory_parallel > 1 and self.parallel != "fsdp"):

@@ -54,7 +54,7 @@ class UltraMemConfig(MemoryLayerConfig):
     cores: int = 2  # §3.8 h_c (needs tucker_rank >= 1 when > 1)
     aux_alpha: float = 0.001  # §3.7 singular-value aux loss weight (0: off)
     aux_tau: float = 0.15  # §3.7 margin
-    init: str = "improved"  # §3.9: "improved" (Appendix A) | "pkm" (values N(0, 1/D_v))
+    init: str = "improved"  # §3.9: "improved" (Appendix A) | "pkm" (values N(0, 1/D_v)) | "authors"
     init_std: float = 0.02  # query projection (and W_o under init="pkm")
     calib_samples: int = 256  # tokens sampled once at init to set the q/k gains (§3.9)
     value_lr_mult: float = 10.0  # §3.10 M: value LR x M decaying linearly to x1
@@ -62,6 +62,7 @@ class UltraMemConfig(MemoryLayerConfig):
     value_lr: float = 0.0  # > 0: a fixed value LR instead (PKM: 1e-3)
     value_lr_constant: bool = False  # with value_lr: ignore warmup/cosine (PKM)
     query_conv: int = 4  # §3.11 causal depthwise conv kernel (0: off)
+    value_weight_decay: float = 0.0  # AdamW decay of the value table (authors' code: the default 0.1)
     metrics_window: int = 100  # forwards per coverage window (track_metrics only)
     impl: str = "auto"  # op implementation: auto | torch | triton
 
@@ -115,8 +116,10 @@ class UltraMemConfig(MemoryLayerConfig):
                 f"{where}.knum={self.knum} with expansion={e} gives {self.n_keys() ** 2} logical addresses; "
                 "the IVE permutation is int32: allowed N^2 < 2^31"
             )
-        if self.init not in ("improved", "pkm"):
-            raise ConfigError(f"{where}.init={self.init!r}; allowed: 'improved', 'pkm'")
+        if self.value_weight_decay < 0:
+            raise ConfigError(f"{where}.value_weight_decay={self.value_weight_decay}; allowed: >= 0")
+        if self.init not in ("improved", "pkm", "authors"):
+            raise ConfigError(f"{where}.init={self.init!r}; allowed: 'improved', 'pkm', 'authors'")
 
     def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> UltraMem:
         return UltraMem(self, shape)
@@ -157,11 +160,30 @@ class UltraMem(RetrievalLayer):
             # sigma_V^2 = E / (2 m H L): each virtual block pools ~ m H / E rows with weight ~1
             std = math.sqrt(e / (2 * cfg.topk * cfg.heads * self.n_layers))
             proj_std = 1.0 / math.sqrt(e * dv)  # variance-preserving W_o: y ~ N(0, 1/(2L))
+        elif cfg.init == "authors":
+            std, proj_std = self._authors_init()
         else:
             std, proj_std = dv**-0.5, cfg.init_std  # Lample et al.: N(0, 1/D_v)
         nn.init.normal_(self.values, std=std)
         if self.out_proj is not None:
             nn.init.normal_(self.out_proj.weight, std=proj_std)
+
+    def _authors_init(self) -> tuple[float, float]:
+        """The authors' released code (not Appendix A; docs/layers.md): query projection and
+        keys N(0, 1/K), q/k norm gains 1/K^0.33, Tucker cores U(0, 1), values N(0, 0.02^2),
+        W_o N(0, 1/(E D_v)). At the 151M size the layer's output starts at std ~0.065 (the
+        Appendix-A init: 1/sqrt(2L) = 0.20). Returns (value std, W_o std)."""
+        r, k = self.retrieval, self.cfg.key_dim
+        nn.init.normal_(r.query_proj.weight, std=k**-0.5)
+        nn.init.normal_(r.keys, std=k**-0.5)
+        for w in r.gains():
+            w.fill_(k**-0.33)
+        if r.tucker is not None:
+            nn.init.uniform_(r.tucker.cores, 0.0, 1.0)
+            r.tucker.u.zero_()
+            r.tucker.v.zero_()
+            r.tucker.refresh()
+        return 0.02, (self.cfg.expansion * self.value_dim) ** -0.5
 
     def target_output_std(self) -> float:
         """Appendix A: the memory output starts like a residual branch, ``N(0, 1/(2L))``."""
@@ -171,9 +193,10 @@ class UltraMem(RetrievalLayer):
     def param_group_hints(self) -> list[ParamGroupHint]:
         cfg = self.cfg
         if cfg.value_lr > 0:
-            return [ParamGroupHint("ultramem_values", [self.values], weight_decay=0.0, lr=cfg.value_lr, constant_lr=cfg.value_lr_constant)]
+            return [ParamGroupHint("ultramem_values", [self.values], weight_decay=cfg.value_weight_decay,
+                                   lr=cfg.value_lr, constant_lr=cfg.value_lr_constant)]
         mult = value_lr_multiplier(cfg.value_lr_mult, cfg.value_lr_decay_frac)
-        return [ParamGroupHint("ultramem_values", [self.values], weight_decay=0.0, lr_multiplier=mult)]
+        return [ParamGroupHint("ultramem_values", [self.values], weight_decay=cfg.value_weight_decay, lr_multiplier=mult)]
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
@@ -207,4 +230,5 @@ class UltraMem(RetrievalLayer):
         self.add_tucker_aux()
         if self.track_metrics:
             self.add_memory_metrics(scores, rows)
+            self.add_metric("out_std", out.detach().float().std())  # the branch's scale
         return out.view(shape)

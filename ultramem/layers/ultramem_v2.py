@@ -59,6 +59,9 @@ class UltraMemV2Config(MemoryLayerConfig):
     aux_tau: float = 0.15
     share_ratio: float = 0.5  # §4.4: P' = share_ratio * P_all, in (0, 1]
     ring: str = "forward"  # forward (authors' code) | centred (paper)
+    address_shuffle: bool = False  # authors' code: a fixed random permutation of the N^2 logical
+    # addresses before the window modulo (off: contiguous, so at E > 1 a token can select one row twice)
+    value_weight_decay: float = 0.0  # AdamW decay of the pool (authors' code: the default 0.1)
     init: str = "principled"  # §4.5 "principled" | "std" (every weight N(0, init_std), authors' code)
     init_std: float = 0.0  # linear layers (0: sqrt(2 / (5 D)))
     calib_samples: int = 256
@@ -129,6 +132,11 @@ class UltraMemV2Config(MemoryLayerConfig):
             raise ConfigError(f"{where}.ring={self.ring!r}; allowed: {', '.join(RINGS)}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{where}.activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if self.value_weight_decay < 0:
+            raise ConfigError(f"{where}.value_weight_decay={self.value_weight_decay}; allowed: >= 0")
+        if self.address_shuffle and self.keys_per_side(shape) ** 2 >= 2**31:
+            raise ConfigError(f"{where}.address_shuffle=true with {self.keys_per_side(shape) ** 2} logical "
+                              "addresses; the permutation is int32: allowed N^2 < 2^31")
         if self.init not in ("principled", "std"):
             raise ConfigError(f"{where}.init={self.init!r}; allowed: 'principled', 'std'")
         if self.pre_value_dim < -1:
@@ -198,9 +206,10 @@ class ValuePool(nn.Module):
         cfg = self.cfg
         params = [self.values] + ([self.pre_values] if self.pre_values is not None else [])
         if cfg.value_lr > 0:
-            return ParamGroupHint("ultramem_v2_values", params, weight_decay=0.0, lr=cfg.value_lr, constant_lr=cfg.value_lr_constant)
+            return ParamGroupHint("ultramem_v2_values", params, weight_decay=cfg.value_weight_decay, lr=cfg.value_lr,
+                                  constant_lr=cfg.value_lr_constant)
         mult = value_lr_multiplier(cfg.value_lr_mult, cfg.value_lr_decay_frac)
-        return ParamGroupHint("ultramem_v2_values", params, weight_decay=0.0, lr_multiplier=mult)
+        return ParamGroupHint("ultramem_v2_values", params, weight_decay=cfg.value_weight_decay, lr_multiplier=mult)
 
 
 def ring_start(layer: int, rows: int, window: int, ring: str) -> int:
@@ -229,6 +238,10 @@ class UltraMemV2(RetrievalLayer):
         # The window's start as a tensor, not a Python int: torch.compile would otherwise
         # specialise (and recompile) the forward once per layer.
         self.register_buffer("ring_offset", torch.empty((), dtype=torch.long), persistent=False)
+        if cfg.address_shuffle:  # saved with the model, like v1's IVE permutation
+            self.register_buffer("perm", torch.empty(cfg.keys_per_side(shape) ** 2, dtype=torch.int32))
+        else:
+            self.perm = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -241,6 +254,8 @@ class UltraMemV2(RetrievalLayer):
                 nn.init.normal_(lin.weight, std=std)
         self.coverage.reset()
         self.ring_offset.fill_(ring_start(self.mem_index, self.rows, self.window, cfg.ring))
+        if self.perm is not None:
+            self.perm.copy_(torch.randperm(self.perm.numel()).to(self.perm.device, torch.int32))
         if cfg.init == "principled":
             _, rel_var = calibrate_gains(self.retrieval, cfg.calib_samples)
             self.pool.score_rel_vars[self.mem_index] = rel_var
@@ -254,7 +269,10 @@ class UltraMemV2(RetrievalLayer):
             self.retrieval.tucker.refresh()
 
     def pool_rows_for(self, addr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logical ``addr`` -> ``(local [0, P'), pool row [0, P_all))``."""
+        """Logical ``addr`` -> ``(local [0, P'), pool row [0, P_all))`` (``address_shuffle``:
+        permuted first, as the authors' code does)."""
+        if self.perm is not None:
+            addr = self.perm[addr].long()
         local = addr % self.window
         return local, (local + self.ring_offset) % self.pool_rows
 

@@ -37,6 +37,7 @@ from ultramem.data.loader import TokenBatches
 from ultramem.errors import ConfigError
 from ultramem.eval.loss import autocast_ctx, bits_per_byte, evaluate_loss
 from ultramem.model.transformer import Transformer
+from ultramem.train.clip import clip_gradients
 from ultramem.train.determinism import determinism
 from ultramem.train.guard import DivergenceGuard, diverged
 from ultramem.train.metrics import MetricsLogger, peak_flops, plot_runs, train_flops_per_token
@@ -215,11 +216,18 @@ def train_step(run: Run) -> dict[str, Any]:
     track = (step + 1) % tc.log_every == 0 or step == 0
     run.model.set_track_metrics(track)
     loss_sum, aux_sum, aux_parts, layer_metrics = _accumulate(run.net, run.train_batches, step, tc, d)
-    # the norm is computed even unclipped (max_norm=inf): the guard needs it
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
-                                               tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-        grad_norm = grad_norm.full_tensor()
+    if tc.grad_clip_mode == "global":
+        # the norm is computed even unclipped (max_norm=inf): the guard needs it
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                                   tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        norms = {"grad_norm": float(grad_norm)}
+        if not d.enabled:  # the per-part pre-clip norms too (measure only; the clip above is global)
+            norms = {**clip_gradients(run.groups, "global", 0.0), **norms}
+    else:  # dense parameters and value tables clipped apart (train/clip.py)
+        norms = clip_gradients(run.groups, tc.grad_clip_mode, tc.grad_clip)
+        grad_norm = norms["grad_norm"]
     loss_val = float(distributed.all_reduce_mean(torch.tensor([loss_sum], device=d.device), d)[0])
     problem = run.guard.check(loss_val, float(grad_norm))
     if problem is not None:
@@ -233,7 +241,7 @@ def train_step(run: Run) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     tok_s = run.tokens_per_step / dt
     run.tok_s_ema = tok_s if run.tok_s_ema is None or run.step <= 2 else 0.9 * run.tok_s_ema + 0.1 * tok_s
-    row: dict[str, Any] = {"step": run.step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+    row: dict[str, Any] = {"step": run.step, "loss": loss_val, "lr": lr, **norms,
                            "tokens": run.tokens_seen, "tokens_per_s": tok_s, "dt": dt}
     if run.peak:
         row["mfu"] = tok_s * run.flops_tok / (run.peak * d.world)

@@ -1,0 +1,76 @@
+"""``ultramem experiment``: runs in order, results written as it goes, resumable, sizes checked."""
+
+import json
+
+import pytest
+
+from ultramem.errors import ConfigError
+from ultramem.experiment import find_experiment, load_experiment, run_configs, run_experiment
+
+COMMON = ["train.max_steps=3", "train.batch_size=2", "data.seq_len=32", "train.eval_every=0",
+          "train.eval_batches=2", "train.device=cpu", "train.ckpt_every=0"]
+
+
+def _spec(tmp_path, runs, **extra):
+    p = tmp_path / "exp.json"
+    p.write_text(json.dumps({"description": "test", "common": COMMON, "runs": runs, **extra}))
+    return p
+
+
+def test_runs_write_results_and_a_rerun_skips_finished_runs(tmp_path, slice_data):
+    spec = _spec(tmp_path, [{"name": "d", "preset": "tiny-dense"}, {"name": "u", "preset": "tiny-ultramem"}])
+    out = tmp_path / "out"
+    res = run_experiment(str(spec), out, [f"data.path={slice_data}"], progress=False)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in on_disk["runs"]] == ["done", "done"] == [r["status"] for r in res["runs"]]
+    for r in on_disk["runs"]:
+        assert r["val_loss"] > 0 and r["tokens"] == 3 * 2 * 32 and r["params"] > 0 and 3 in {int(k) for k in r["val_curve"]}
+    stamp = (out / "runs" / "u" / "summary.json").stat().st_mtime_ns
+    again = run_experiment(str(spec), out, [f"data.path={slice_data}"], progress=False)
+    assert (out / "runs" / "u" / "summary.json").stat().st_mtime_ns == stamp  # not retrained
+    assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in on_disk["runs"]]
+
+
+def test_a_failing_run_is_recorded_and_the_next_one_runs(tmp_path, slice_data):
+    spec = _spec(tmp_path, [{"name": "bad", "preset": "tiny-dense", "overrides": [f"data.path={tmp_path}/missing"]},
+                            {"name": "good", "preset": "tiny-dense", "overrides": [f"data.path={slice_data}"]}])
+    res = run_experiment(str(spec), tmp_path / "out", progress=False)
+    status = {r["name"]: r["status"] for r in res["runs"]}
+    assert status["bad"].startswith("failed: DataError") and status["good"] == "done"
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, slice_data):
+    from ultramem.train.trainer import train
+
+    spec = _spec(tmp_path, [{"name": "d", "preset": "tiny-dense"}])
+    (_, cfg), = run_configs(load_experiment(spec), [f"data.path={slice_data}"])
+    out = tmp_path / "out"
+    train(cfg, out / "runs" / "d", stop_after=2, progress=False)  # as if interrupted after step 2
+    res = run_experiment(str(spec), out, [f"data.path={slice_data}"], progress=False)
+    rows = [json.loads(line) for line in (out / "runs" / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert res["runs"][0]["status"] == "done" and [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_equal_sizes_are_checked_before_training(tmp_path):
+    spec = _spec(tmp_path, [{"name": "d", "preset": "tiny-dense"}, {"name": "u", "preset": "tiny-ultramem"}],
+                 equal={"params": 0.02})
+    with pytest.raises(ConfigError, match="differ in params"):
+        run_experiment(str(spec), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_unknown_experiment_and_bad_specs_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="known: .*diagnosis"):
+        find_experiment("no-such-experiment")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"runs": [{"name": "a"}, {"name": "a"}]}))
+    with pytest.raises(ConfigError, match="unique"):
+        load_experiment(bad)
+    with pytest.raises(ConfigError, match="run 'x'"):
+        run_configs({"runs": [{"name": "x", "preset": "tiny-dense", "overrides": ["train.lrr=1"]}]}, [])
+
+
+def test_committed_experiments_resolve():
+    for name in ("diagnosis", "diagnosis-warmup"):
+        spec = load_experiment(find_experiment(name))
+        assert len(run_configs(spec, [])) == len(spec["runs"])
