@@ -118,7 +118,7 @@ class DecodeState:
     def begin(self, s: int, lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Positions ``[B, S]`` of a call of ``s`` tokens and how many cache positions attention
         reads; hands ``lengths`` to the layer states. Raises if the call cannot fit."""
-        if self.filled + s > self.max_len and not torch.cuda.is_current_stream_capturing():
+        if self.filled + s > self.max_len and not (self.pos.is_cuda and torch.cuda.is_current_stream_capturing()):
             raise ConfigError(f"decode state full: {self.filled} + {s} tokens exceed max_len={self.max_len} "
                               "(allocate a longer state or generate fewer tokens)")
         for st in self.ffn + self.memory:
