@@ -19,6 +19,7 @@ COMMANDS = (
     "ultramem.train.plot",
     "ultramem.eval.cli",
     "ultramem.inference.generate",
+    "ultramem.inference.bench",
     "ultramem.train.demo",
 )
 
