@@ -40,8 +40,8 @@ GPU_BYTES = 128e9  # what weights + state may take (of the H200's ~139 GiB)
 
 
 class Run:
-    def __init__(self, out: str, budget_s: float) -> None:
-        self.path = os.path.join(out, f"decode-{device_tag()}.json")
+    def __init__(self, out: str, budget_s: float, suffix: str = "") -> None:
+        self.path = os.path.join(out, f"decode-{device_tag()}{suffix}.json")
         self.t0, self.budget = time.time(), budget_s
         self.doc: dict = {"device": torch.cuda.get_device_name(), "command": " ".join(["python3"] + sys.argv),
                           "rows": [], "generate": [], "fig6c": [], "notes": []}
@@ -110,7 +110,7 @@ def measure_family(run: Run, family: str, names: list[str], share: float) -> Non
         torch.cuda.empty_cache()
 
 
-def measure_generate(run: Run, names: list[str], new: int = 128) -> None:
+def measure_generate(run: Run, names: list[str], new: int = 128, eager: bool = True) -> None:
     """``Engine.generate_ids`` at batch 1 (graphed and eager) on a 32-token prompt."""
     from ultramem.inference.engine import Engine  # noqa: PLC0415
     from ultramem.inference.sampling import Sampling  # noqa: PLC0415
@@ -120,7 +120,7 @@ def measure_generate(run: Run, names: list[str], new: int = 128) -> None:
             break
         model = bench.build(get_preset(name).model)
         prompt = [torch.randint(0, 50000, (32,)).tolist()]
-        for graphs in (True, False):
+        for graphs in (True, False) if eager else (True,):
             eng = Engine(model, 1, 32 + new, Sampling(0.0), graphs=graphs)
             eng.generate_ids(prompt, 8)  # warm-up (capture happens at the first bucket use)
             res = eng.generate_ids(prompt, new if graphs else 32)
@@ -153,6 +153,8 @@ def measure_today(run: Run, old_tree: str, new: int = 32) -> None:
     try:
         res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": old_tree},
                              capture_output=True, text=True, timeout=max(run.left() - 5, 10))
+        if res.returncode:
+            raise RuntimeError(f"exit {res.returncode}: {res.stderr[-300:]}")
         tps = float(res.stdout.strip().splitlines()[-1])
         r = {"model": "dense-1.6b", "batch": 1, "engine": "today (torch.cat cache, eager; 30159a3)",
              "tokens_per_s": round(tps, 1)}
@@ -171,7 +173,7 @@ def measure_hf(run: Run) -> None:
     script = os.path.join(os.path.dirname(__file__), "decode_hf.py")
     try:
         res = subprocess.run([sys.executable, script], capture_output=True, text=True,
-                             timeout=min(run.left() - 10, 120))
+                             timeout=min(run.left() - 10, 35))
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         run.doc["generate"] += [json.loads(ln) for ln in lines]
         print("\n".join(lines), flush=True)
@@ -206,7 +208,12 @@ def measure_fig6c(run: Run, batches=(1, 64, 256)) -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    run = Run(args.out, args.budget_s)
+    run = Run(args.out, args.budget_s, args.suffix)
+    if args.batches:
+        BATCHES[:] = args.batches
+    if args.only:
+        for fam in FAMILIES:
+            FAMILIES[fam] = [n for n in FAMILIES[fam] if n in args.only]
     warm = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     t = time.time()
     while time.time() - t < 2:  # clocks up
@@ -217,17 +224,16 @@ def measure(args: argparse.Namespace) -> None:
     print("copy GB/s", run.doc["copy_GBps"], flush=True)
     run.save()
     plan = [(fam, FAMILIES[fam]) for fam in args.families]
-    shares = {"1.6b-x12": 0.40, "1b-7b": 0.2, "227m-1.2b": 0.15}
-    for fam, names in plan[:1]:
-        measure_family(run, fam, names, shares[fam] * args.budget_s)
+    for fam, names in plan[:1]:  # the first family named gets the largest share of the budget
+        measure_family(run, fam, names, 0.35 * args.budget_s)
     if not args.skip_generate:
-        measure_generate(run, ["dense-1.6b", "ultramem-1.6b-x12"])
-        measure_today(run, args.old_tree)
+        measure_generate(run, args.generate, eager=not args.no_eager)
         measure_hf(run)
+        measure_today(run, args.old_tree)
     for fam, names in plan[1:]:
-        measure_family(run, fam, names, shares[fam] * args.budget_s)
+        measure_family(run, fam, names, 0.2 * args.budget_s)
     if not args.skip_fig6c:
-        measure_fig6c(run)
+        measure_fig6c(run, tuple(args.fig6c_batches))
     run.save()
     print("wrote", run.path, "in", round(time.time() - run.t0), "s", flush=True)
 
@@ -239,6 +245,12 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--old-tree", default="old", help="checkout of the pre-engine package (today's path)")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--generate", nargs="+", default=["dense-1.6b", "ultramem-1.6b-x12"], help="presets for tokens/s")
+    ap.add_argument("--no-eager", action="store_true", help="generate tokens/s with graphs only")
+    ap.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes, in priority order")
+    ap.add_argument("--only", nargs="+", default=None, help="presets to keep in the families")
+    ap.add_argument("--suffix", default="", help="JSON name suffix (decode-<device><suffix>.json)")
+    ap.add_argument("--fig6c-batches", nargs="+", type=int, default=[1, 64, 256])
     ap.add_argument("--skip-fig6c", action="store_true")
     ap.add_argument("--plot", default=None, help="draw the figures of this JSON (no GPU needed)")
     args = ap.parse_args()
