@@ -102,3 +102,4 @@ def test_aux_losses_collected_once():
     assert all(k.endswith(".balance") for k in out.aux_losses)
     assert model(torch.randint(0, 97, (2, 8))).aux_loss is not None  # refreshed, not accumulated
     assert all(not layer._aux_losses for layer in model.sparse_layers())
+

@@ -48,9 +48,7 @@ def test_v1_presets_use_the_paper_settings():
 
 
 def _shape(model):
-    from ultramem.layers.registry import ShapeContext
-
-    return ShapeContext.for_model(model, model.n_layers)
+    return model.wiring().shared  # placement "full": one memory layer per block
 
 
 @pytest.mark.parametrize("name", ["tiny-ultramem", "tiny-ultramem-v2"])

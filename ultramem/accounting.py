@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ultramem.config import ModelConfig
-from ultramem.layers.registry import ShapeContext
-from ultramem.model.placement import parse_placement
 
 
 @dataclass(frozen=True)
@@ -37,24 +35,19 @@ def attention_params(cfg: ModelConfig) -> int:
 def count(cfg: ModelConfig) -> Counts:
     """Counts of a model config (validated first)."""
     cfg.validate()
-    spans = parse_placement(cfg.memory.placement, cfg.n_layers, cfg.memory) if cfg.memory else []
-    replaced = {s.src for s in spans} if cfg.memory is not None and getattr(cfg.memory, "replace_ffn", False) else set()
-    n_mem = len(spans)
+    plan = cfg.wiring()  # the model is built from the same plan
     attn = attention_params(cfg)
     params = active = cfg.n_layers * (attn + 2 * _norm(cfg)) + _norm(cfg)
     flops = cfg.n_layers * 2 * attn
-    for i in range(1, cfg.n_layers + 1):
-        if i in replaced:
+    for shape in plan.ffn:
+        if shape is None:  # replaced by its memory layer
             continue
-        shape = ShapeContext.for_model(cfg, n_mem, block_index=i)
         params += cfg.ffn.num_params(shape)
         active += cfg.ffn.active_params(shape)
         flops += cfg.ffn.flops_per_token(shape)
     if cfg.memory is not None:
-        base = ShapeContext.for_model(cfg, n_mem)
-        params += cfg.memory.shared_num_params(base)
-        for n, s in enumerate(spans):
-            shape = ShapeContext.for_model(cfg, n_mem, mem_index=n, block_index=s.src)
+        params += cfg.memory.shared_num_params(plan.shared)
+        for shape in plan.memory:
             params += cfg.memory.num_params(shape)
             active += cfg.memory.active_params(shape)
             flops += cfg.memory.flops_per_token(shape)

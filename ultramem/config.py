@@ -24,7 +24,8 @@ from typing import Any
 
 from ultramem.errors import ConfigError
 from ultramem.layers.mlp import MLPConfig
-from ultramem.layers.registry import LayerConfig, layer_config_class, layer_types
+from ultramem.layers.registry import LayerConfig, MemoryLayerConfig, layer_config_class, layer_types
+from ultramem.placement import Wiring, plan_wiring
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     ffn: LayerConfig = field(default_factory=MLPConfig)  # the per-block feed-forward part
-    memory: LayerConfig | None = None  # memory layers wired by memory.placement (SPEC §1)
+    memory: MemoryLayerConfig | None = None  # memory layers wired by memory.placement (SPEC §1)
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +54,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    def wiring(self) -> Wiring:
+        """The one wiring plan (spans, replaced FFNs, each layer's shape) that the model, the
+        accounting and :meth:`validate` use; raises ConfigError for a bad placement."""
+        return plan_wiring(self.d_model, self.n_layers, self.ffn, self.memory)
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
@@ -71,24 +77,20 @@ class ModelConfig:
             raise ConfigError(f"model.norm={self.norm!r}; allowed: 'layernorm', 'rmsnorm'")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout}; allowed: 0 <= dropout < 1")
-        if self.ffn.role != "ffn":
+        if isinstance(self.ffn, MemoryLayerConfig):
             raise ConfigError(
                 f"model.ffn.type={self.ffn.type!r} is a memory layer; put it under model.memory "
                 f"(ffn types: {layer_types('ffn')})"
             )
-        if self.memory is not None and self.memory.role != "memory":
+        if self.memory is not None and not isinstance(self.memory, MemoryLayerConfig):
             raise ConfigError(
                 f"model.memory.type={self.memory.type!r} is not a memory layer; "
                 f"memory types: {layer_types('memory')}"
             )
-        from ultramem.layers.registry import ShapeContext  # noqa: PLC0415 (avoid cycle at import)
-
-        self.ffn.validate(ShapeContext.for_model(self), "model.ffn")
+        plan = self.wiring()
+        self.ffn.validate(plan.shared, "model.ffn")
         if self.memory is not None:
-            from ultramem.model.placement import parse_placement  # noqa: PLC0415
-
-            spans = parse_placement(self.memory.placement, self.n_layers, self.memory)
-            self.memory.validate(ShapeContext.for_model(self, len(spans)), "model.memory")
+            self.memory.validate(plan.shared, "model.memory")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ultramem.layers.registry import ShapeContext, register_layer
 from ultramem.ops.lookup_reduce import lookup_reduce
 
 
-@register_layer("memory_plus", role="memory")
+@register_layer("memory_plus")
 @dataclass
 class MemoryPlusConfig(ProductKeyMemoryConfig):
     placement: str = "6:6"

@@ -14,7 +14,7 @@ from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 
 
-@register_layer("mlp", role="ffn")
+@register_layer("mlp")
 @dataclass
 class MLPConfig(LayerConfig):
     """``hidden`` is the inner dim; SwiGLU has two input projections of that width."""
@@ -30,6 +30,9 @@ class MLPConfig(LayerConfig):
             raise ConfigError(f"{where}.hidden={self.hidden} must be a positive integer")
         if self.activation not in ("gelu", "swiglu"):
             raise ConfigError(f"{where}.activation={self.activation!r}; allowed: 'gelu', 'swiglu'")
+
+    def ffn_shape(self) -> tuple[int, bool]:
+        return self.hidden, self.activation == "swiglu"
 
     def matrices(self) -> int:
         return 3 if self.activation == "swiglu" else 2

@@ -37,7 +37,7 @@ from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 IMPLS = ("auto", "grouped_mm", "gather", "loop")
 
 
-@register_layer("moe", role="ffn")
+@register_layer("moe")
 @dataclass
 class MoEConfig(LayerConfig):
     """UltraMem's baseline is "2-in-N" (top_k 2); UltraMemV2's is OLMoE-style 8-of-64 SwiGLU."""
@@ -73,6 +73,9 @@ class MoEConfig(LayerConfig):
             raise ConfigError(f"{where}.impl={self.impl!r}; allowed: {', '.join(map(repr, IMPLS))}")
         if self.n_shared < 0 or self.balance_weight < 0 or self.z_loss_weight < 0 or self.gather_max < 0:
             raise ConfigError(f"{where}: n_shared, balance_weight, z_loss_weight and gather_max must be >= 0")
+
+    def ffn_shape(self) -> tuple[int, bool]:
+        return self.hidden, self.activation == "swiglu"  # each expert's width (SPEC §4.5 init)
 
     def _mats(self) -> int:
         return 3 if self.activation == "swiglu" else 2

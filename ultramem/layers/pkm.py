@@ -21,7 +21,7 @@ from ultramem.layers.registry import ShapeContext, register_layer
 from ultramem.ops.lookup_reduce import lookup_reduce
 
 
-@register_layer("pkm", role="memory")
+@register_layer("pkm")
 @dataclass
 class PKMConfig(ProductKeyMemoryConfig):
     placement: str = "6:6"

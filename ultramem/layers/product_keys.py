@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from ultramem.errors import ConfigError
-from ultramem.layers.registry import LayerConfig, ShapeContext
+from ultramem.layers.registry import MemoryLayerConfig, ShapeContext
 from ultramem.ops.retrieval import product_key_topk
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 
 
-def check_product_keys(cfg: LayerConfig, where: str) -> None:
+def check_product_keys(cfg: ProductKeyMemoryConfig, where: str) -> None:
     """Shared validation of product-key fields (n_keys, key_dim, heads, topk, k, query_norm)."""
 
     for name in ("n_keys", "key_dim", "heads", "topk"):
@@ -38,7 +38,7 @@ def check_product_keys(cfg: LayerConfig, where: str) -> None:
         raise ConfigError(f"{where}.query_norm={cfg.query_norm!r}; allowed: {', '.join(QUERY_NORMS)}")
 
 
-class ProductKeyMemoryConfig(LayerConfig):
+class ProductKeyMemoryConfig(MemoryLayerConfig):
     """Methods shared by the PKM and Memory+ configs (fields: n_keys, key_dim, heads, topk, k,
     query_norm, value_dim)."""
 

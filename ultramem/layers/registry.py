@@ -5,23 +5,28 @@ Every sparse part of a block (SPEC §1: ``mlp``, ``moe``, ``pkm``, ``memory_plus
 model never branches on type names: it calls ``cfg.build(ctx)`` and the accounting calls
 ``cfg.num_params(shape)`` etc. Adding a layer type touches no model code.
 
-Two roles:
-- ``"ffn"``: the per-block feed-forward (``model.ffn``), one per block.
-- ``"memory"``: memory layers (``model.memory``), wired by ``placement`` (SPEC §1).
+Two roles, one base class each:
+- :class:`LayerConfig` (role ``"ffn"``): the per-block feed-forward (``model.ffn``), one per block.
+- :class:`MemoryLayerConfig` (role ``"memory"``): memory layers (``model.memory``), which own
+  ``placement`` and ``replace_ffn`` (SPEC §1; wired by :func:`ultramem.placement.plan_wiring`).
+
+This module sits at the bottom of the import graph (it imports only :mod:`ultramem.errors`):
+layer modules import it and register into it; :mod:`ultramem.layers` imports every built-in
+layer module, so importing that package fills the registry.
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ultramem.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ultramem.config import ModelConfig
     from ultramem.layers.base import SparseLayer
 
 _REGISTRY: dict[str, type[LayerConfig]] = {}
@@ -39,28 +44,14 @@ class ShapeContext:
     ffn_hidden: int = 0  # the host FFN's inner dim (V2 init equates to it)
     ffn_gated: bool = False  # host FFN is SwiGLU
 
-    @classmethod
-    def for_model(cls, m: ModelConfig, n_mem_layers: int = 0, **kw: Any) -> ShapeContext:
-        return cls(
-            d_model=m.d_model,
-            n_layers=m.n_layers,
-            n_mem_layers=n_mem_layers,
-            ffn_hidden=getattr(m.ffn, "hidden", 0),
-            ffn_gated=getattr(m.ffn, "activation", "") == "swiglu",
-            **kw,
-        )
-
 
 @dataclass
 class LayerConfig:
-    """Base of every layer config. Subclasses are dataclasses with defaults for every field.
+    """Base of every layer config (role ``"ffn"``). Subclasses are dataclasses with defaults for
+    every field."""
 
-    A memory-role subclass must also have fields ``placement: str`` and ``replace_ffn: bool``.
-    """
-
-    type: ClassVar[str] = ""
-    role: ClassVar[str] = "ffn"  # "ffn" | "memory"
-    allows_overlapping_spans: ClassVar[bool] = False
+    type: ClassVar[str] = ""  # set by register_layer
+    role: ClassVar[str] = "ffn"  # "ffn" | "memory" (MemoryLayerConfig)
 
     # ---- building -------------------------------------------------------------------------
     def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> SparseLayer:
@@ -90,34 +81,45 @@ class LayerConfig:
     def validate(self, shape: ShapeContext, where: str) -> None:
         """Raise ConfigError naming ``where.field``, the value and what is allowed."""
 
+    def ffn_shape(self) -> tuple[int, bool]:
+        """``(inner dim, gated)`` of this layer as a block's FFN, for memory layers that size
+        themselves against the host FFN (``ShapeContext.ffn_hidden`` / ``ffn_gated``, the V2
+        init of SPEC §4.5); ``(0, False)`` when it has no such width."""
+        return 0, False
 
-def register_layer(name: str, role: str = "ffn"):
-    """Class decorator: register a LayerConfig subclass under ``name``."""
+
+@dataclass
+class MemoryLayerConfig(LayerConfig):
+    """Base of every memory-layer config (role ``"memory"``): where its layers go."""
+
+    role: ClassVar[str] = "memory"
+
+    placement: str = "6:6"  # spans "i:j[/i:j...]" or "full" (SPEC §1; ultramem.placement)
+    replace_ffn: bool = False  # True: each i:i layer replaces block i's FFN (the original PKM)
+
+
+def register_layer(name: str) -> Callable[[type[LayerConfig]], type[LayerConfig]]:
+    """Class decorator: register a LayerConfig subclass under ``name`` (its role comes from its
+    base class: :class:`MemoryLayerConfig` or :class:`LayerConfig`)."""
 
     def wrap(cls: type[LayerConfig]) -> type[LayerConfig]:
         if name in _REGISTRY:
             raise ValueError(f"layer type {name!r} is registered twice")
         cls.type = name
-        cls.role = role
         _REGISTRY[name] = cls
         return cls
 
     return wrap
 
 
-def _ensure_loaded() -> None:
-    import ultramem.layers  # noqa: F401,PLC0415  (registers every built-in layer)
-
-
 def layer_types(role: str | None = None) -> list[str]:
-    _ensure_loaded()
+    """Registered type names (of one role, if given), sorted."""
     return sorted(n for n, c in _REGISTRY.items() if role is None or c.role == role)
 
 
 def layer_config_class(name: str, where: str = "type") -> type[LayerConfig]:
-    _ensure_loaded()
+    """The config class registered as ``name``, or a ConfigError naming ``where``."""
     if name not in _REGISTRY:
-
         near = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"{where}={name!r} is not a layer type{hint} (types: {layer_types()})")

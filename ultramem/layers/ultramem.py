@@ -25,16 +25,16 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.layers.base import ParamGroupHint
 from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
-from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.layers.registry import MemoryLayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
 from ultramem.ops.retrieval import ive_address
 from ultramem.ops.skinny_linear import skinny_linear
 
 
-@register_layer("ultramem", role="memory")
+@register_layer("ultramem")
 @dataclass
-class UltraMemConfig(LayerConfig):
+class UltraMemConfig(MemoryLayerConfig):
     """Defaults: the paper's UltraMem settings (Table 5) at a small size."""
 
     placement: str = "2:3"  # SPEC §1 / §3.4 split + skip, e.g. "3:5/6:8/9:11"

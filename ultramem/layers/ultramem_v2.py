@@ -24,7 +24,7 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.layers.base import ParamGroupHint
 from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check_common, value_lr_multiplier
-from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.layers.registry import MemoryLayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce import lookup_reduce
 from ultramem.ops.lookup_reduce.reference import ACTIVATIONS
@@ -33,9 +33,9 @@ from ultramem.ops.skinny_linear import skinny_linear
 RINGS = ("forward", "centred")
 
 
-@register_layer("ultramem_v2", role="memory")
+@register_layer("ultramem_v2")
 @dataclass
-class UltraMemV2Config(LayerConfig):
+class UltraMemV2Config(MemoryLayerConfig):
     """Defaults: the V2 paper's choices (SPEC §4.6) at a small size."""
 
     placement: str = "full"  # §4.1: parallel to every block's FFN

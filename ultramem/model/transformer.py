@@ -2,19 +2,21 @@
 
 Data flow for block i (1-based)::
 
-    x = x + attn(norm1(x))
-    h = norm2(x)                          # the "normalised FFN input"
-    y = ffn(h)                            # model.ffn (mlp / moe), unless replaced by memory
+    x, h = block_i(x)                     # Block.forward:
+                                          #   x = x + attn(input_layernorm(x))
+                                          #   h = post_attention_layernorm(x)  "normalised FFN input"
+                                          #   x = x + ffn(h)   (model.ffn, unless memory replaces it)
     for each memory span i:j  ->  out = memory(h), held until block j
-    x = x + y + sum(outputs of spans ending at block i)
+    x = x + sum(outputs of spans ending at block i)
 
-Memory layers are built from ``model.memory`` through the layer registry; the model never
-branches on layer type names.
+``Transformer.forward`` is a loop over ``self.blocks`` (so FSDP and ``torch.compile`` can wrap
+each ``model.blocks[i]``) plus the memory layers in ``self.memory``, called between blocks as
+the one wiring plan (:meth:`ModelConfig.wiring`) says. Layers are built from ``model.ffn`` and
+``model.memory`` through the layer registry; the model never branches on layer type names.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,20 +25,14 @@ from torch import nn
 
 from ultramem.config import ModelConfig
 from ultramem.layers.base import SparseLayer
-from ultramem.layers.registry import ShapeContext
 from ultramem.model.attention import Attention, Rotary
 from ultramem.model.decode_state import DecodeState
-from ultramem.model.placement import Span, parse_placement
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
-
-
-def norm_params(cfg: ModelConfig, dim: int) -> int:
-    return dim if cfg.norm == "rmsnorm" else 2 * dim
 
 
 @dataclass
@@ -49,6 +45,9 @@ class ModelOutput:
 
 
 class Block(nn.Module):
+    """One decoder block: attention and the block's FFN (``None`` where a memory layer
+    replaces it). Memory layers are not part of the block: they read the ``h`` it returns."""
+
     def __init__(self, cfg: ModelConfig, index: int, rotary: Rotary, ffn: SparseLayer | None) -> None:
         super().__init__()
         self.index = index  # 1-based
@@ -66,29 +65,20 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.wiring = plan = cfg.wiring()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.spans: list[Span] = (
-            parse_placement(cfg.memory.placement, cfg.n_layers, cfg.memory) if cfg.memory else []
-        )
-        replaced = {s.src for s in self.spans} if cfg.memory is not None and getattr(cfg.memory, "replace_ffn", False) else set()
-        base_shape = ShapeContext.for_model(cfg, len(self.spans))
         self.blocks = nn.ModuleList(
-            Block(cfg, i, self.rotary, None if i in replaced else cfg.ffn.build(ShapeContext.for_model(cfg, len(self.spans), block_index=i)))
-            for i in range(1, cfg.n_layers + 1)
+            Block(cfg, i, self.rotary, None if shape is None else cfg.ffn.build(shape))
+            for i, shape in enumerate(plan.ffn, 1)
         )
-        self.memory_shared = cfg.memory.build_shared(base_shape) if cfg.memory else None
+        mem = cfg.memory
+        self.memory_shared = mem.build_shared(plan.shared) if mem is not None else None
         self.memory = nn.ModuleList(
-            cfg.memory.build(
-                ShapeContext.for_model(cfg, len(self.spans), mem_index=n, block_index=s.src),
-                self.memory_shared,
-            )
-            for n, s in enumerate(self.spans)
-        ) if cfg.memory else nn.ModuleList()
+            [mem.build(shape, self.memory_shared) for shape in plan.memory] if mem is not None else []
+        )
         self.norm = make_norm(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self._reads = {i: [n for n, s in enumerate(self.spans) if s.src == i] for i in range(1, cfg.n_layers + 1)}
-        self._writes = {i: [n for n, s in enumerate(self.spans) if s.dst == i] for i in range(1, cfg.n_layers + 1)}
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -140,19 +130,19 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)
         s = idx.shape[1]
         positions, kv_len = state.begin(s, lengths) if state is not None else (None, None)
-        pending: dict[int, list] = {}
+        pending: dict[int, list] = {}  # block j -> outputs (or side-stream handles) of spans ending there
         for block in self.blocks:
             i = block.index
             cache = state.kv[i - 1] if state is not None else None
             x = x + block.drop(block.attn(block.input_layernorm(x), cache, positions, kv_len))
             h = block.post_attention_layernorm(x)
-            for n in self._reads[i]:  # launched before the FFN: with overlap they run beside it
-                mem = self.memory[n]
+            for n in self.wiring.reads(i):  # launched before the FFN: with overlap they run beside it
+                mem, dst = self.memory[n], self.wiring.spans[n].dst
                 if state is None:
-                    pending.setdefault(self.spans[n].dst, []).append(mem(h))
+                    pending.setdefault(dst, []).append(mem(h))
                 else:
                     fn = lambda t, mem=mem, st=state.memory[n]: mem(t, st)  # noqa: E731
-                    pending.setdefault(self.spans[n].dst, []).append(state.run_memory(fn, h))
+                    pending.setdefault(dst, []).append(state.run_memory(fn, h))
             out = block.ffn(h, state.ffn[i - 1] if state is not None else None) if block.ffn is not None else None
             ys = [out] if out is not None else []
             ys += [y if state is None else state.join(y) for y in pending.pop(i, [])]
@@ -203,8 +193,3 @@ class Transformer(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
-
-
-def init_std_default(d_model: int) -> float:
-    """sqrt(2 / (5 D)) (small-init, used by the V2 configs)."""
-    return math.sqrt(2.0 / (5.0 * d_model))
