@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ultramem.data.tokenizer import Tokenizer
-from ultramem.errors import CheckpointError, ConfigError, DataError
+from ultramem.errors import ConfigError, DataError
 from ultramem.inference.engine import Engine, Generated
 from ultramem.inference.load import load_run
 from ultramem.inference.sampling import Sampling
@@ -86,6 +86,22 @@ def _stops(stop: list[int] | list[list[int]] | None, n: int, tok: Tokenizer | No
     return [list(s) for s in stop]
 
 
+def check_generate_args(max_new: int, temperature: float, top_k: int, max_seq_len: int,
+                        top_p: float = 1.0) -> None:
+    """Range checks of the sampling arguments (ConfigError naming the argument)."""
+    if max_new < 0:
+        raise ConfigError(f"--max-new={max_new}: must be >= 0")
+    if max_new >= max_seq_len:
+        raise ConfigError(f"--max-new={max_new}: must be < the model's context model.max_seq_len={max_seq_len} "
+                          f"(the prompt needs at least one position)")
+    if not temperature >= 0:
+        raise ConfigError(f"--temperature={temperature}: must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ConfigError(f"--top-k={top_k}: must be >= 0 (0 = no top-k cut)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p={top_p}: must be in (0, 1] (1 = no nucleus cut)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run directory")
@@ -115,18 +131,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        prompts = _read_prompts(args)
-        loaded = load_run(args.run, args.device)
-        tok = loaded.tokenizer
-        if tok is None:
-            raise DataError(f"{args.run} has no tokenizer.json")
-        out = generate(loaded.model, prompts, args.max_new, tokenizer=tok, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       graphs=False if args.no_graphs else None, overlap=args.overlap)
-    except (DataError, CheckpointError, ConfigError) as e:
-        print(f"ultramem generate: error: {e}", file=sys.stderr)
-        return 2
+    prompts = _read_prompts(args)
+    loaded = load_run(args.run, args.device)
+    check_generate_args(args.max_new, args.temperature, args.top_k, loaded.cfg.model.max_seq_len, args.top_p)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise DataError(f"{args.run}: no tokenizer.json (the run was trained on pre-tokenized data)")
+    if args.max_new == 0:
+        print("\n".join(prompts))
+        return 0
+    out = generate(loaded.model, prompts, args.max_new, tokenizer=tok, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   graphs=False if args.no_graphs else None, overlap=args.overlap)
     for prompt, text in zip(prompts, out.texts or []):
         print(prompt + text)
     r = out.result
