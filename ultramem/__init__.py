@@ -5,4 +5,12 @@ from ultramem.errors import ConfigError
 from ultramem.resolve import load_config
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "__version__"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "generate", "load_config", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "generate":  # lazy: the inference engine is not needed to configure or train
+        from ultramem.inference.generate import generate  # noqa: PLC0415
+
+        return generate
+    raise AttributeError(f"module 'ultramem' has no attribute {name!r}")

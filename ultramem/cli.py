@@ -26,6 +26,7 @@ COMMANDS = (
     "ultramem.train.plot",
     "ultramem.eval.cli",
     "ultramem.inference.generate",
+    "ultramem.inference.bench",
     "ultramem.train.demo",
     "ultramem.experiment",
 )

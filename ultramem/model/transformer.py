@@ -2,11 +2,12 @@
 
 Data flow for block i (1-based)::
 
-    x, h = block_i(x)                     # Block.forward:
+    x, h = block_i(x, before_ffn=launch)  # Block.forward:
                                           #   x = x + attn(input_layernorm(x))
                                           #   h = post_attention_layernorm(x)  "normalised FFN input"
+                                          #   launch(h): each memory span i:j -> out = memory(h),
+                                          #              held until block j (a side stream with overlap)
                                           #   x = x + ffn(h)   (model.ffn, unless memory replaces it)
-    for each memory span i:j  ->  out = memory(h), held until block j
     x = x + sum(outputs of spans ending at block i)
 
 ``Transformer.forward`` is a loop over ``self.blocks`` (so FSDP and ``torch.compile`` can wrap
@@ -17,6 +18,7 @@ the one wiring plan (:meth:`ModelConfig.wiring`) says. Layers are built from ``m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +27,10 @@ from torch import nn
 
 from ultramem.config import ModelConfig
 from ultramem.layers.base import SparseLayer
+from ultramem.layers.state import LayerState
 from ultramem.layers.norm import make_norm
 from ultramem.model.attention import Attention, Rotary
+from ultramem.model.decode_state import DecodeState, KVCache
 
 
 @dataclass
@@ -51,20 +55,33 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        kv_len: torch.Tensor | None = None,
+        ffn_state: LayerState | None = None,
+        before_ffn: Callable[[torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, S, D]`` -> ``(x [B, S, D], h [B, S, D])``: the residual stream after attention
         and the FFN, and ``h``, the normalised FFN input that memory spans starting here read.
 
-        ``state``: this block's decode state (``"attn"``: the KV cache, ``"ffn"``), or None."""
-        x = x + self.drop(self.attn(self.input_layernorm(x), _sub(state, "attn")))
+        ``cache, positions, kv_len``: this block's KV cache and the step's positions when decoding
+        (see :class:`DecodeState`); ``ffn_state``: the FFN's decode state. ``before_ffn(h)`` runs
+        between attention and the FFN: the model launches the memory spans that read this block
+        there, so that with overlap they run beside the FFN (math.md §7.4)."""
+        x = x + self.drop(self.attn(self.input_layernorm(x), cache, positions, kv_len))
         h = self.post_attention_layernorm(x)
+        if before_ffn is not None:
+            before_ffn(h)
         if self.ffn is not None:
-            x = x + self.drop(self.ffn(h, _sub(state, "ffn")))
+            x = x + self.drop(self.ffn(h, ffn_state))
         return x, h
 
 
 class Transformer(nn.Module):
-    """Decoder LM. ``forward(idx [B, S], targets [B, S] | None, state | None) -> ModelOutput``."""
+    """Decoder LM. ``forward(idx [B, S], targets [B, S] | None, state: DecodeState | None) -> ModelOutput``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -124,20 +141,44 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        state: dict | None = None,
+        state: DecodeState | None = None,
+        lengths: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> ModelOutput:
-        """``idx [B, S]`` token ids. ``state``: a dict this method fills for decoding (KV cache
-        and per-layer states); pass the same dict back with the next token(s)."""
+        """``idx [B, S]`` token ids. ``state``: a :class:`DecodeState` (``DecodeState.allocate``)
+        the call reads and writes in place: the tokens go at ``state.pos + [0, S)`` and
+        ``state.pos`` then advances by ``lengths [B]`` (right-padded ragged input: sequence ``b``
+        has ``lengths[b]`` valid tokens; default ``S``). ``last_only``: logits ``[B, 1, V]`` of
+        each sequence's last valid token only (prefill without the ``[B, S, V]`` tensor)."""
         x = self.embed_tokens(idx)
-        pending: dict[int, list[torch.Tensor]] = {}  # block j -> outputs of spans ending there
+        s = idx.shape[1]
+        positions, kv_len = state.begin(s, lengths) if state is not None else (None, None)
+        pending: dict[int, list] = {}  # block j -> outputs (or side-stream handles) of spans ending there
         for block in self.blocks:
             i = block.index
-            x, h = block(x, _sub(state, f"block{i}"))
-            for n in self.wiring.reads(i):
-                dst = self.wiring.spans[n].dst
-                pending.setdefault(dst, []).append(self.memory[n](h, _sub(state, f"mem{n}")))
+            reads = self.wiring.reads(i)
+
+            def launch(h: torch.Tensor, reads=reads) -> None:  # memory spans reading block i
+                for n in reads:
+                    mem, dst = self.memory[n], self.wiring.spans[n].dst
+                    if state is None:
+                        pending.setdefault(dst, []).append(mem(h))
+                    else:
+                        fn = lambda t, mem=mem, st=state.memory[n]: mem(t, st)  # noqa: E731
+                        pending.setdefault(dst, []).append(state.run_memory(fn, h))
+
+            if state is None:
+                x, _ = block(x, before_ffn=launch if reads else None)
+            else:
+                x, _ = block(x, state.kv[i - 1], positions, kv_len, state.ffn[i - 1],
+                             before_ffn=launch if reads else None)
             for y in pending.pop(i, []):
-                x = x + self.drop(y)
+                x = x + self.drop(y if state is None else state.join(y))
+        if state is not None:
+            state.end(s, lengths)
+        if last_only:
+            last = (lengths - 1 if lengths is not None else torch.full_like(idx[:, 0], s - 1)).clamp_min(0)
+            x = x.gather(1, last.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         x = self.norm(x)
         logits = F.linear(x, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
         return self._output(logits, targets)
@@ -178,7 +219,3 @@ class Transformer(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
-
-
-def _sub(state: dict | None, key: str) -> dict | None:
-    return None if state is None else state.setdefault(key, {})
