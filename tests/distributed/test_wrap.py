@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ultramem import checkpoint as ckpt
-from ultramem.resolve import load_config
 from ultramem.inference.load import load_run
+from ultramem.resolve import load_config
 from ultramem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]

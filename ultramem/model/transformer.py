@@ -27,8 +27,8 @@ from torch import nn
 
 from ultramem.config import ModelConfig
 from ultramem.layers.base import SparseLayer
-from ultramem.layers.state import LayerState
 from ultramem.layers.norm import make_norm
+from ultramem.layers.state import LayerState
 from ultramem.model.attention import Attention, Rotary
 from ultramem.model.decode_state import DecodeState, KVCache
 

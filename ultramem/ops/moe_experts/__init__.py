@@ -10,29 +10,23 @@ from __future__ import annotations
 
 import torch
 
-from ultramem.ops._dispatch import kernels_can_run
+from ultramem.ops._dispatch import kernels_can_run, kernels_for
 from ultramem.ops.moe_experts import reference
 
 __all__ = ["expert_mlp", "triton_available"]
 
-try:  # Triton is optional
-    from ultramem.ops.moe_experts import triton as _kernels
-except Exception:  # noqa: BLE001 -- missing triton or a broken install both mean "no kernels"
-    _kernels = None
+KERNELS = "ultramem.ops.moe_experts.triton"  # imported on first use (ops/_dispatch.py)
 
 
 def triton_available(*tensors: torch.Tensor) -> bool:
-    return kernels_can_run(_kernels, *tensors)
+    return kernels_can_run(KERNELS, *tensors)
 
 
 def expert_mlp(x: torch.Tensor, experts: torch.Tensor, w_up: torch.Tensor, w_gate: torch.Tensor | None,
                w_down: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     weights = [w for w in (w_up, w_gate, w_down) if w is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
-    if impl == "torch" or needs_grad or not all(w.is_contiguous() for w in weights) \
-            or not triton_available(x, *weights):
-        if impl == "triton":
-            raise RuntimeError("moe_experts: the Triton kernel cannot run here (no gradient, CUDA or "
-                               "TRITON_INTERPRET=1, contiguous weights)")
-        return reference.expert_mlp(x, experts, w_up, w_gate, w_down)
-    return _kernels.expert_mlp(x, experts, w_up, w_gate, w_down)
+    kernels = kernels_for("moe_experts", KERNELS, impl, x, *weights)
+    if kernels is None or needs_grad or not all(w.is_contiguous() for w in weights):
+        return reference.expert_mlp(x, experts, w_up, w_gate, w_down)  # the kernel has no backward
+    return kernels.expert_mlp(x, experts, w_up, w_gate, w_down)

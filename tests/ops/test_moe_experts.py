@@ -4,11 +4,6 @@ one imported Triton normally) and on the GPU."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -38,16 +33,9 @@ def _check(device: str, dtype: torch.dtype, atol: float) -> None:
         assert err < atol, (t, k, e, d, h, gated, err)
 
 
-def test_kernel_matches_reference_under_the_interpreter():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        _check("cpu", torch.float32, 1e-4)
-        return
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, "-k", "interpreter"]
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+@pytest.mark.interpreter
+def test_kernel_matches_reference_under_the_interpreter(interpret):
+    _check("cpu", torch.float32, 1e-4)
 
 
 def test_gradients_fall_back_to_the_differentiable_reference():
