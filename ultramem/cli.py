@@ -20,6 +20,7 @@ COMMANDS = (
     "ultramem.eval.cli",
     "ultramem.inference.generate",
     "ultramem.train.demo",
+    "ultramem.hf.export",
 )
 
 

@@ -29,6 +29,10 @@ class Rotary(nn.Module):
         self.cos.copy_(freqs.cos())
         self.sin.copy_(freqs.sin())
 
+    def init_buffers(self) -> None:
+        """Recompute the (unsaved) tables, e.g. after loading into a model built on meta."""
+        self.reset_parameters()
+
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """``x: [B, H, S, hd]`` -> rotated (half-split convention)."""
         s = x.shape[-2]

@@ -1,0 +1,29 @@
+"""What the Hugging Face wrapper needs of ultramem, in one place.
+
+In this package it is ultramem itself (Triton kernels where they run). ``ultramem export`` copies
+this file, with every module it imports, into the exported directory as flat files with relative
+imports (``um_*.py``, the kernels left out), and writes a small ``ultramem_backend.py`` there that
+takes the installed ultramem when its version matches and the copy otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ultramem.config import ModelConfig, from_dict
+from ultramem.model.transformer import Transformer
+
+__all__ = ["ModelConfig", "Transformer", "model_config", "new_decode_state"]
+
+
+def model_config(d: dict[str, Any]) -> ModelConfig:
+    """The nested ``ultramem`` dict of a Hugging Face config -> a validated ``ModelConfig``."""
+    cfg = from_dict(ModelConfig, d, "model.")
+    cfg.validate()
+    return cfg
+
+
+def new_decode_state(model: Transformer) -> dict:
+    """An empty decode state for ``Transformer.forward(..., state=...)`` (KV cache and every
+    layer's decode state)."""
+    return {}
