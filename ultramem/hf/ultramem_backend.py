@@ -13,7 +13,9 @@ from typing import Any
 from ultramem.config import ModelConfig, from_dict
 from ultramem.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "Transformer", "model_config", "new_decode_state"]
+BACKEND = "ultramem"  # the exported switch says "reference copy" when it takes the copy
+
+__all__ = ["BACKEND", "ModelConfig", "Transformer", "model_config", "new_decode_state"]
 
 
 def model_config(d: dict[str, Any]) -> ModelConfig:
