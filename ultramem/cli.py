@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from ultramem import __version__
 from ultramem.errors import ConfigError
 
 COMMANDS = (
@@ -26,6 +27,7 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultramem", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ultramem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in COMMANDS:
         importlib.import_module(mod).register(sub)
