@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ultramem demo --out runs/demo
 
+# Two invocations: the suite (slow and interpreter tests deselected by pyproject's addopts; only
+# GPU tests skip without a GPU), then the Triton kernel tests under the interpreter, which needs
+# TRITON_INTERPRET=1 before Triton is imported. Slow tests: `$(BIN)/python -m pytest -m slow tests`.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/ops -m interpreter
 
 lint: $(STAMP)
 	$(BIN)/ruff check ultramem tests benchmarks

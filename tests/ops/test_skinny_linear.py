@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import ultramem.ops.skinny_linear as sl
 from ultramem.ops.skinny_linear import skinny_linear
+from ultramem.ops.tuning import tuned
 
-pytestmark = pytest.mark.usefixtures("interpret")
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("interpret")]
 
 # (lead shape of x, K, N): K not a multiple of the K tile, odd N, 1-8 rows
 SHAPES = [((1,), 20, 7), ((3,), 100, 33), ((2, 1), 1030, 5), ((8,), 64, 16), ((5,), 300, 129),
@@ -20,18 +21,19 @@ SHAPES = [((1,), 20, 7), ((3,), 100, 33), ((2, 1), 1030, 5), ((8,), 64, 16), ((5
 
 
 @pytest.fixture(autouse=True)
-def _all_kernel_rows(monkeypatch):
+def _all_kernel_rows():
     """The dispatcher sends one row to the kernel by default (a loss above, on H200); the
     kernel handles up to KERNEL_MAX_ROWS: test all of them."""
-    if sl._kernels is not None:
-        monkeypatch.setattr(sl._kernels, "MAX_ROWS", sl._kernels.KERNEL_MAX_ROWS)
+    with tuned(skinny_linear_max_rows=sl.KERNEL_MAX_ROWS):
+        yield
 
 
 def _kernel_calls(monkeypatch) -> list:
+    import ultramem.ops.skinny_linear.triton as slk
+
     calls = []
-    real = sl._kernels.skinny_linear
-    monkeypatch.setattr(sl._kernels, "skinny_linear",
-                        lambda *a: calls.append(a[0].shape) or real(*a))
+    real = slk.skinny_linear
+    monkeypatch.setattr(slk, "skinny_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     return calls
 
 
@@ -72,9 +74,11 @@ def test_falls_back_for_training_many_rows_and_torch(monkeypatch):
     y.sum().backward()
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(2, 40))
     with torch.no_grad():
-        many = torch.randn(sl._kernels.MAX_ROWS + 1, 40, generator=g)
+        many = torch.randn(sl.KERNEL_MAX_ROWS + 1, 40, generator=g)
         torch.testing.assert_close(skinny_linear(many, w, impl="triton"), F.linear(many, w))
         skinny_linear(x, w, impl="torch")
+        with tuned(skinny_linear_max_rows=1):  # the default: two rows take cuBLAS
+            skinny_linear(x, w, impl="auto")
     assert not calls
     with torch.no_grad():
         skinny_linear(x, w, impl="auto")

@@ -1,43 +1,23 @@
-"""Key-scores op: dispatch between the PyTorch reference and the fused decode kernel.
+"""Key-scores op: query norm + per-rank key dot products (docs/math.md §3.7).
 
-Layers call only :func:`key_scores`. ``impl``: ``"auto"`` | ``"torch"`` | ``"triton"``.
-``auto`` and ``triton`` take the Triton kernel when Triton imports and the tensors are on CUDA
-(or, for tests, ``TRITON_INTERPRET=1`` is set and they are on CPU) and the call suits it;
-otherwise the reference, silently. ``torch`` always runs the reference.
-
-The kernel is off by default (``triton.USE_KERNEL``: it measured slower than the reference's
-LayerNorm + one batched cuBLAS matmul at decode on an H200); when on, it is for decode and
-inference only; it has no backward, so there is no autograd
-Function: it runs only when no gradient is being recorded for an input
-(``torch.is_grad_enabled()`` and any input ``requires_grad`` -> the reference, whose
-gradients flow through ``F.layer_norm`` / ``F.rms_norm`` and ``einsum``), for
-``T <= triton.MAX_T`` tokens, ``K <= triton.MAX_K``, fp32 / bf16 / fp16 queries with keys of
-the same dtype, and ``rq`` 1 or r.
+Layers call only :func:`key_scores`. There is no Triton kernel: a fused decode kernel measured
+slower on an H200 than the reference's LayerNorm + one batched cuBLAS matmul at every decode
+batch (best tiles 10.8 / 11.7 / 11.6 / 17.2 us at T 1 / 4 / 16 / 64 against about 8.5-9 us;
+docs/results/key-scores-h200.json) and was removed. ``impl`` is validated as for every op; all
+three run the reference, whose gradients flow through ``F.layer_norm`` / ``F.rms_norm`` and
+``einsum``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ultramem.ops._dispatch import kernels_can_run
+from ultramem.errors import ConfigError
+from ultramem.ops._dispatch import IMPLS
 from ultramem.ops.key_scores import reference
 from ultramem.ops.key_scores.reference import check_norm, resolve_eps
 
-__all__ = ["key_scores", "resolve_eps", "triton_available"]
-
-try:  # Triton is optional: without it every call takes the reference
-    from ultramem.ops.key_scores import triton as _kernels
-except Exception:  # noqa: BLE001 -- missing triton or a broken install both mean "no kernels"
-    _kernels = None
-
-
-def triton_available(*tensors: torch.Tensor) -> bool:
-    """True when the kernel can run on these tensors (CUDA, or CPU under the interpreter)."""
-    return kernels_can_run(_kernels, *tensors)
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+__all__ = ["key_scores", "resolve_eps"]
 
 
 def _check(q: torch.Tensor, keys: torch.Tensor, norm: str,
@@ -72,14 +52,7 @@ def key_scores(
     :func:`ultramem.ops.key_scores.reference.key_scores`. ``eps=None``: PyTorch's default of
     the norm (:func:`resolve_eps`; pass the module's ``eps`` to match ``nn.LayerNorm`` /
     ``nn.RMSNorm`` exactly)."""
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"key_scores: unknown impl {impl!r}")
+    if impl not in IMPLS:
+        raise ConfigError(f"key_scores: impl {impl!r} is not one of {', '.join(IMPLS)}")
     _check(q, keys, norm, weight, bias)
-    tensors = [x for x in (q, keys, weight, bias) if x is not None]
-    use_kernel = (impl != "torch" and triton_available(*tensors) and _kernels.USE_KERNEL
-                  and not _needs_grad(q, keys, weight, bias)
-                  and _kernels.supported(q, keys, norm))
-    if not use_kernel:
-        return reference.key_scores(q, keys, norm, weight, bias, eps)
-    return _kernels.key_scores(q, keys, norm, weight, bias,
-                               resolve_eps(norm, eps, q.dtype))
+    return reference.key_scores(q, keys, norm, weight, bias, eps)

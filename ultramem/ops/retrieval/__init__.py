@@ -1,8 +1,8 @@
-"""Retrieval op: dispatch between the PyTorch reference and fused kernels.
+"""Retrieval op: dispatch between the PyTorch reference and the Triton kernels.
 
-Layers call only these functions. ``impl``: ``"auto"`` (a fused kernel where one exists for the
-device and inputs, else the reference), ``"torch"`` (always the reference), ``"triton"`` (the
-kernel where it can run; without Triton or a GPU it too falls back to the reference).
+Layers call only these functions; ``impl`` follows the rule of :mod:`ultramem.ops._dispatch`
+(``auto`` | ``torch`` | ``triton``). Shapes the kernels do not take (``triton.supported``: N
+above 16384, m above 1024) run the reference.
 
 The kernels return indices and scores; when autograd is recording and an input needs a
 gradient, the selected scores are recomputed in PyTorch from the kernel's addresses (a gather
@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from ultramem.ops._dispatch import kernels_can_run
+from ultramem.ops._dispatch import kernels_can_run, kernels_for
 from ultramem.ops.retrieval import reference
 
 __all__ = ["ive_address", "product_key_topk", "tucker_topk", "triton_available"]
 
-try:  # Triton is optional
-    from ultramem.ops.retrieval import triton as _kernels
-except Exception:  # noqa: BLE001 -- missing triton or a broken install both mean "no kernels"
-    _kernels = None
+KERNELS = "ultramem.ops.retrieval.triton"
 
 
 def triton_available(*tensors: torch.Tensor) -> bool:
     """True when the kernels can run on these tensors (CUDA, or CPU under the interpreter)."""
-    return kernels_can_run(_kernels, *tensors)
+    return kernels_can_run(KERNELS, *tensors)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -44,13 +41,13 @@ def product_key_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`ultramem.ops.retrieval.reference.product_key_topk`."""
     n = s_row.shape[-1]
-    if (impl == "torch" or not triton_available(s_row, s_col)
-            or not _kernels.supported(n, k, m)):
+    kernels = kernels_for("product_key_topk", KERNELS, impl, s_row, s_col)
+    if kernels is None or not kernels.supported(n, k, m):
         return reference.product_key_topk(s_row, s_col, k, m)
     lead = s_row.shape[:-1]
-    scores, addr = _kernels.topk(s_row.detach().reshape(-1, n).contiguous(),
-                                 s_col.detach().reshape(-1, n).contiguous(), None, None, None,
-                                 k, m, sum_mode=True)
+    scores, addr = kernels.topk(s_row.detach().reshape(-1, n).contiguous(),
+                                s_col.detach().reshape(-1, n).contiguous(), None, None, None,
+                                k, m, sum_mode=True)
     addr = addr.view(*lead, m)
     if _needs_grad(s_row, s_col):
         scores = s_row.gather(-1, addr // n) + s_col.gather(-1, addr % n)
@@ -69,12 +66,12 @@ def tucker_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`ultramem.ops.retrieval.reference.tucker_topk`."""
     n, r = s_row.shape[-2:]
-    if (impl == "torch" or not triton_available(s_row, s_col, cores)
-            or not _kernels.supported(n, k, m)):
+    kernels = kernels_for("tucker_topk", KERNELS, impl, s_row, s_col, cores)
+    if kernels is None or not kernels.supported(n, k, m):
         return reference.tucker_topk(s_row, s_col, cores, u, v, k, m)
     lead = s_row.shape[:-2]
     h_c = cores.shape[0]
-    scores, addr = _kernels.topk(
+    scores, addr = kernels.topk(
         s_row.detach().reshape(-1, n, r).contiguous(), s_col.detach().reshape(-1, n, r).contiguous(),
         cores.detach().contiguous(), u.detach().contiguous(), v.detach().contiguous(), k, m,
         sum_mode=False)  # any float dtype: the kernels load and compute in fp32
@@ -90,6 +87,7 @@ def ive_address(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`ultramem.ops.retrieval.reference.ive_address` (one launch with the kernel;
     the reference takes four: a gather, a cast, a remainder and a division)."""
-    if impl == "torch" or not triton_available(addr, perm):
+    kernels = kernels_for("ive_address", KERNELS, impl, addr, perm)
+    if kernels is None:
         return reference.ive_address(addr, perm, num_rows)
-    return _kernels.ive_address(addr, perm, num_rows)
+    return kernels.ive_address(addr, perm, num_rows)

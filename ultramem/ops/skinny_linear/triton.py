@@ -1,45 +1,22 @@
 """Triton kernel for ``y = x W^T`` when ``x`` has a few rows (decode): a weight-streaming GEMV.
 
-At one decode token a projection is a pure read of its weight, so its time is the weight's
-bytes over the bandwidth one launch can pull. cuBLAS reaches about 1.9 TB/s there on an H200
-(the UltraMem-1.6B-x12 output projection, 16.8 MB: 7.7 µs with the weight in L2, 11.2 µs
-cold; ``docs/results/decode-probe-h200.json``). :func:`_skinny_kernel` gives every program
-``BLOCK_N`` (2) output columns over the whole K and as many programs as columns / 2 (448 for
-an 896-wide query projection, 1024 for a 2048-wide output projection), so that each SM has
-many 2-4 KB row reads in flight; products accumulate elementwise in an fp32 ``[B, BLOCK_N,
-BLOCK_K]`` tile and are reduced across lanes once, after the loop (reducing every step, as a
-dot product would, measured 2x slower); the next step's weight tile is loaded before the
-current one is used. Measured in the same probe: 4.2 µs warm / 7.7 µs cold for the output
-projection and 2.5 / 3.8 µs for the query projection (cuBLAS 7.8 / 8.0) at one row. With more
-rows cuBLAS wins (4 rows: 25.8 µs against 11.9 for the output projection; 64 rows: 5.3 µs against
-8.0 for a dot-based variant), so the dispatcher sends only :data:`MAX_ROWS` (1) row here.
+At one decode token a projection is a pure read of its weight. :func:`_skinny_kernel` gives
+every program ``BLOCK_N`` (2) output columns over the whole K, so that each SM has many 2-4 KB
+row reads in flight; products accumulate elementwise in an fp32 ``[B, BLOCK_N, BLOCK_K]`` tile
+reduced across lanes once, after the loop, and the next step's weight tile is loaded before the
+current one is used. Measurements (against cuBLAS, by row count): docs/kernels.md.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# rows (tokens) up to which the dispatcher uses the kernel. Measured on H200 (layer_decode_prefix
-# rows): a win at one row (query projection 2.7 us vs 7.3 for cuBLAS, ops-h200.json), a loss at
-# four (output projection 25.8 us vs 11.9 for cuBLAS in the final run; ops-h200-first-run.json
-# and ops-h200.json: the [4, 2, 256] accumulator tiles are too small a step);
-# the kernel handles up to KERNEL_MAX_ROWS rows (tests raise MAX_ROWS to cover them).
-MAX_ROWS = 1
-KERNEL_MAX_ROWS = 8
-
 
 def _blocks(rows: int) -> tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_K, num_warps)`` by the padded row count; the accumulator holds
-    ``rows x BLOCK_N x BLOCK_K`` fp32 (8 K for one row). Override:
-    ``ULTRAMEM_SKINNY_BLOCKS="BLOCK_N,BLOCK_K,warps"``."""
-    env = os.environ.get("ULTRAMEM_SKINNY_BLOCKS")
-    if env:
-        bn, bk, w = (int(t) for t in env.split(","))
-        return bn, bk, w
+    ``rows x BLOCK_N x BLOCK_K`` fp32 (8 K for one row)."""
     return 2, max(1024 // rows, 128), 4
 
 
@@ -69,7 +46,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [M, K]`` (M <= :data:`MAX_ROWS`, unit stride along K), ``weight [N, K]`` contiguous
+    """``x [M, K]`` (M <= 8, unit stride along K), ``weight [N, K]`` contiguous
     -> ``[M, N]`` in ``x``'s dtype."""
     m, k = x.shape
     n = weight.shape[0]

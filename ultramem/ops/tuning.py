@@ -1,0 +1,55 @@
+"""Tuning switches of the op kernels, in one small dataclass (no environment variables).
+
+The defaults are the measured choices (figures: docs/results/kernels-2026-11.md); a field
+changes a choice for every later call, :func:`tuned` for a block only::
+
+    from ultramem.ops.tuning import tuned
+    with tuned(skinny_linear_max_rows=8):
+        ...
+
+Tile overrides exist for tests and tuning sweeps: they let one shape exercise a tile path the
+defaults pick only for other shapes. Importing this module imports no kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ultramem.errors import ConfigError
+
+
+@dataclass
+class Tuning:
+    """Op kernel switches; each field says which op reads it and why it defaults as it does."""
+
+    # skinny_linear: rows up to which the GEMV kernel replaces cuBLAS (a win at 1 row, a loss
+    # at 4 on H200); the kernel itself handles up to skinny_linear.triton.KERNEL_MAX_ROWS
+    skinny_linear_max_rows: int = 1
+    # lookup_reduce forward tile (BLOCK_N, BLOCK_D, num_warps[, PREFETCH, IDX_REGS, NS, EVICT,
+    # ACC]) for every shape; None: the measured choice per shape class (_fwd_blocks)
+    lookup_fwd_tile: tuple[int, ...] | None = None
+    # lookup_reduce value-gradient tile (BLOCK_R, BLOCK_D, num_warps, UNROLL); None: measured
+    lookup_dense_tile: tuple[int, int, int, int] | None = None
+
+
+TUNING = Tuning()
+
+
+@contextlib.contextmanager
+def tuned(**changes: object) -> Iterator[Tuning]:
+    """Set fields of :data:`TUNING` for the block, then restore them."""
+    names = {f.name for f in dataclasses.fields(Tuning)}
+    for name in changes:
+        if name not in names:
+            raise ConfigError(f"tuned: unknown field {name!r}; fields: {', '.join(sorted(names))}")
+    old = {name: getattr(TUNING, name) for name in changes}
+    for name, value in changes.items():
+        setattr(TUNING, name, value)
+    try:
+        yield TUNING
+    finally:
+        for name, value in old.items():
+            setattr(TUNING, name, value)
