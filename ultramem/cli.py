@@ -2,6 +2,12 @@
 
 Each command lives in its own module exposing ``register(subparsers)``, which adds a subparser
 whose ``func(args) -> int`` runs it. Add a command by adding its module to ``COMMANDS``.
+
+One error path: an expected error (:class:`ultramem.errors.UltramemError`: a bad config, bad
+data, a bad checkpoint, a diverged run, a locked run directory) or an operating-system error
+(a missing, unwritable or full location) prints one line ``ultramem <command>: error: ...``
+and exits with status 2; ``--debug`` (anywhere on the line) shows the traceback instead.
+Dotted overrides (``train.lr=1e-3``) may come before or after the options.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import importlib
 import sys
 
 from ultramem import __version__
-from ultramem.errors import ConfigError
+from ultramem.cli_args import Parser
+from ultramem.errors import UltramemError
 
 COMMANDS = (
     "ultramem.info",
@@ -26,22 +33,55 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ultramem", description=__doc__.splitlines()[0])
+    parser = Parser(prog="ultramem", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ultramem {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for mod in COMMANDS:
         importlib.import_module(mod).register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse, accepting ``a.b=c`` overrides anywhere for the commands that take them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    rest = [a for a in extra if a not in overrides]
+    if rest or (overrides and not hasattr(args, "overrides")):
+        prog = f"ultramem {args.command}" if getattr(args, "command", None) else "ultramem"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(rest or overrides)} "
+              f"(see {prog} --help)", file=sys.stderr)
+        sys.exit(2)
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
+    return args
 
-    args = build_parser().parse_args(argv)
+
+def command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "data_command", None)
+    return " ".join(x for x in ("ultramem", args.command, sub) if x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = parse(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"ultramem: config error: {e}", file=sys.stderr)
+    except (UltramemError, OSError) as e:
+        if debug:
+            raise
+        print(f"{command_name(args)}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, UltramemError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror} (rerun with --debug for the traceback)"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     def validate(self) -> None:
-        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", where="model.")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
@@ -100,7 +100,7 @@ class DataConfig:
     val_fraction: float = 0.01  # default of ``ultramem data prepare --val-fraction`` (hash split)
 
     def validate(self) -> None:
-        _positive(self, "seq_len")
+        _positive(self, "seq_len", where="data.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction}; allowed: 0 <= val_fraction < 1")
 
@@ -132,9 +132,21 @@ class TrainConfig:
     checkpoint: bool = True  # False: never save (throughput benchmarks)
     tensorboard: bool = False  # also log to RUN/tb (needs tensorboard installed)
     peak_tflops: float = 0.0  # MFU denominator override (0 = known GPU table; none on CPU)
+    deterministic: str = "auto"  # "auto" (= on for CPU) | "on" | "off"; see ultramem.train.determinism
+    spike_factor: float = 0.0  # stop when loss > factor * mean of the last spike_window losses; 0 = off
+    spike_window: int = 50
 
     def validate(self) -> None:
-        _positive(self, "max_steps", "batch_size", "grad_accum")
+        _positive(self, "max_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "spike_window",
+                  where="train.")
+        _at_least(self, 0, "eval_every", "ckpt_every", "keep_last", where="train.")
+        _at_least(self, 0.0, "lr", "weight_decay", "grad_clip", "peak_tflops", "spike_factor", where="train.")
+        if not 0.0 <= self.beta1 < 1.0 or not 0.0 <= self.beta2 < 1.0:
+            raise ConfigError(f"train.beta1={self.beta1}, train.beta2={self.beta2}; allowed: 0 <= beta < 1")
+        if self.deterministic not in ("auto", "on", "off"):
+            raise ConfigError(f"train.deterministic={self.deterministic!r}; allowed: 'auto', 'on', 'off'")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device={self.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype={self.dtype!r}; allowed: 'auto', 'bf16', 'fp32'")
         if self.parallel not in ("ddp", "fsdp"):
@@ -173,11 +185,18 @@ class Config:
 # --------------------------------------------------------------------------- helpers
 
 
-def _positive(obj: Any, *names: str) -> None:
+def _positive(obj: Any, *names: str, where: str = "") -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
+            raise ConfigError(f"{where}{name}={value!r} must be a positive integer")
+
+
+def _at_least(obj: Any, low: float, *names: str, where: str = "") -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= low:  # NaN fails too
+            raise ConfigError(f"{where}{name}={value!r}; allowed: >= {low}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -223,6 +242,8 @@ def _layer_from_dict(d: dict[str, Any], where: str) -> LayerConfig:
 
 def from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     """Plain dict -> dataclass ``cls``, rejecting unknown keys with a suggestion."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a JSON object, got {d!r}")
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -306,6 +327,11 @@ def apply_override(cfg: Config, dotted: str) -> None:
         if name not in names:
             raise _unknown(name, where, names)
         child = getattr(obj, name)
+        if child is None and parts[-1] == "type" and name == parts[-2]:  # model.memory.type=pkm
+            tp = _field_types(type(obj))[name]
+            if _is_layer_type(tp):
+                setattr(obj, name, layer_config_class(raw, f"{where}{name}.type")())
+                return
         if child is None:
             raise ConfigError(
                 f"{where}{name} is unset; set {where}{name}.type=<type> first "
@@ -340,6 +366,28 @@ def _parent(cfg: Config, parts: list[str]) -> Any:
     return obj
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON config file as a dict; ConfigError naming the file for every way it can be wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--config {p}: no such file")
+    if p.is_dir():
+        raise ConfigError(f"--config {p}: is a directory, not a JSON file (a run's is RUN/config.json)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {p}: unreadable ({e})") from None
+    if not text.strip():
+        raise ConfigError(f"--config {p}: the file is empty")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {p}: expected a JSON object like {{\"train\": {{...}}}}, got {type(d).__name__}")
+    return d
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -350,7 +398,7 @@ def load_config(
 
     cfg = get_preset(preset) if preset else Config()
     if config_file is not None:
-        cfg = Config.from_dict(json.loads(Path(config_file).read_text()))
+        cfg = Config.from_dict(read_config_file(config_file))
     for item in overrides:
         apply_override(cfg, item)
     return cfg.validate()

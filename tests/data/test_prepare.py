@@ -17,7 +17,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "slice_shards.json"
 
 
 def _shard_hashes(path: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.glob("*.bin"))}
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*.bin"))}
 
 
 def test_slice_is_at_most_1mb(slice_path):
@@ -32,7 +32,7 @@ def test_prepare_slice_deterministic(slice_data, slice_path, tmp_path):
     index = load_index(slice_data)
     for split in ("train", "val"):
         for shard in index["splits"][split]["shards"]:
-            assert shard["sha256"] == hashes[shard["file"]]
+            assert shard["sha256"] == hashes[Path(shard["file"]).name]
     assert index["splits"]["val"]["tokens"] > 0 and index["splits"]["train"]["tokens"] > 0
     assert json.loads(GOLDEN.read_text()) == hashes, "shard bytes changed (tokenizer or prepare changed?)"
 

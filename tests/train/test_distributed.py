@@ -9,8 +9,8 @@ import pytest
 import torch
 from train_helpers import tiny_overrides
 
+from ultramem import checkpoint as ckpt
 from ultramem.config import load_config
-from ultramem.train import checkpoint as ckpt
 from ultramem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]

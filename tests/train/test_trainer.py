@@ -13,9 +13,9 @@ import pytest
 import torch
 from train_helpers import tiny_overrides
 
+from ultramem import checkpoint as ckpt
 from ultramem.config import load_config
 from ultramem.errors import ConfigError, DataError
-from ultramem.train import checkpoint as ckpt
 from ultramem.train.trainer import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_loss_30.json"

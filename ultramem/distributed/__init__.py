@@ -4,7 +4,7 @@ The model knows nothing about distribution (torchtitan habit): :func:`init` read
 ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), and :func:`wrap` returns
 the model to train -- the model itself on one process, DDP across processes, or FSDP2
 (``fully_shard`` per block and per memory layer, then the root) when ``train.parallel=fsdp``.
-Checkpoints hold full (unsharded) tensors either way (:mod:`ultramem.train.checkpoint`).
+Checkpoints hold full (unsharded) tensors either way (:mod:`ultramem.checkpoint`).
 
     torchrun --nproc_per_node 2 -m ultramem.cli train --preset tiny-dense --out runs/x
 """

@@ -9,11 +9,10 @@ run once (prefill), then each new token is fed alone with the same dict.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-from ultramem.errors import CheckpointError, DataError
+from ultramem.errors import ConfigError, DataError
 from ultramem.inference.load import load_run
 from ultramem.model.transformer import Transformer
 
@@ -45,6 +44,19 @@ def generate(model: Transformer, ids: list[int], max_new: int, temperature: floa
     return out
 
 
+def check_generate_args(max_new: int, temperature: float, top_k: int, max_seq_len: int) -> None:
+    """Range checks of the sampling arguments (ConfigError naming the argument)."""
+    if max_new < 0:
+        raise ConfigError(f"--max-new={max_new}: must be >= 0")
+    if max_new >= max_seq_len:
+        raise ConfigError(f"--max-new={max_new}: must be < the model's context model.max_seq_len={max_seq_len} "
+                          f"(the prompt needs at least one position)")
+    if not temperature >= 0:
+        raise ConfigError(f"--temperature={temperature}: must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ConfigError(f"--top-k={top_k}: must be >= 0 (0 = no top-k cut)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run directory")
@@ -58,15 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        loaded = load_run(args.run, args.device)
-    except (DataError, CheckpointError) as e:
-        print(f"ultramem generate: error: {e}", file=sys.stderr)
-        return 2
+    loaded = load_run(args.run, args.device)
+    check_generate_args(args.max_new, args.temperature, args.top_k, loaded.cfg.model.max_seq_len)
     tok = loaded.tokenizer
     if tok is None:
-        print(f"ultramem generate: error: {args.run} has no tokenizer.json", file=sys.stderr)
-        return 2
+        raise DataError(f"{args.run}: no tokenizer.json (the run was trained on pre-tokenized data)")
     ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
     new = generate(loaded.model, ids, args.max_new, args.temperature, args.top_k, args.seed, tok.eot_id)
     print(args.prompt + tok.decode(new))

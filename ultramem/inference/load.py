@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from ultramem import checkpoint as ckpt
 from ultramem.config import Config
 from ultramem.data.tokenizer import Tokenizer
-from ultramem.errors import DataError
+from ultramem.errors import CheckpointError, DataError
 from ultramem.model.transformer import Transformer
-from ultramem.train import checkpoint as ckpt
 
 
 @dataclass
@@ -27,7 +27,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     run_dir = Path(run_dir)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     if path is None:
-        raise ckpt.CheckpointError(f"{run_dir}: no checkpoint (checkpoints/step_*/ with a manifest)")
+        raise CheckpointError(f"{run_dir}: no checkpoint (checkpoints/step_*/ with a manifest)")
     cfg = Config.from_dict(ckpt.read_config(path))
     model = Transformer.build(cfg.model, device)
     state = ckpt.load_checkpoint(path, model)

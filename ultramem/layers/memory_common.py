@@ -80,6 +80,8 @@ def check_common(cfg: Any, shape: ShapeContext, where: str, n: int, k: int) -> N
             f"{where}.cores={cfg.cores} needs Tucker scoring ({where}.tucker_rank >= 1); "
             "multi-core scoring splits the Tucker core"
         )
+    if cfg.value_dim < 0:
+        raise ConfigError(f"{where}.value_dim={cfg.value_dim}; allowed: 0 (= d_model) or a positive size")
     dv = cfg.dv(shape)
     if dv % cfg.cores:
         raise ConfigError(

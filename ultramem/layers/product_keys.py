@@ -26,6 +26,8 @@ def check_product_keys(cfg: LayerConfig, where: str) -> None:
     for name in ("n_keys", "key_dim", "heads", "topk"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{where}.{name}={getattr(cfg, name)} must be a positive integer")
+    if getattr(cfg, "value_dim", 0) < 0:
+        raise ConfigError(f"{where}.value_dim={cfg.value_dim}; allowed: 0 (= d_model) or a positive size")
     k = cfg.k or cfg.topk
     if k > cfg.n_keys:
         raise ConfigError(f"{where}.k={k} exceeds {where}.n_keys={cfg.n_keys}; allowed: k <= n_keys")

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ultramem.cli_args import positive_int
 from ultramem.config import load_config
 from ultramem.data.corpus import default_corpus
-from ultramem.data.prepare import INDEX, prepare_documents, unigram_entropy
+from ultramem.data.index import INDEX
+from ultramem.data.prepare import prepare_documents, unigram_entropy
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.eval.cli import evaluate_run
 from ultramem.inference.generate import generate
@@ -38,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train tiny-ultramem and tiny-dense on the bundled corpus (CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--presets", nargs="+", default=["tiny-ultramem", "tiny-dense"])
-    p.add_argument("--steps", type=int, default=400, help="optimiser steps per model")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--steps", type=positive_int, default=400, help="optimiser steps per model")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     p.set_defaults(func=run)
 

@@ -23,6 +23,7 @@ import torch
 
 from ultramem.accounting import count
 from ultramem.config import ModelConfig
+from ultramem.errors import DataError
 
 # dense bf16 tensor-core peak, TFLOP/s, by substring of the device name
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
@@ -87,7 +88,7 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run directory?)")
+        raise DataError(f"{path}: no metrics (is {run_dir} a run directory?)")
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 

@@ -2,12 +2,16 @@
 
     ultramem train --preset tiny-dense --out runs/tiny-dense train.max_steps=200
 
-Per optimiser step: LR schedule set on every group (:mod:`ultramem.train.optim`);
+:func:`train` = :func:`setup` (data checks, run lock, resume or restart, model, optimiser),
+then :func:`train_step` + :func:`log_step` per optimiser step, then :func:`finish` (summary,
+plot). Per optimiser step: LR schedule set on every group (:mod:`ultramem.train.optim`);
 ``grad_accum`` micro-batches, each ``loss = LM loss + every aux loss`` (MoE balance, Tucker,
-...) divided by ``grad_accum`` (DDP syncs gradients only on the last one); grad clipping;
-``optimizer.step()``; ``model.after_optimizer_step(step)`` (e.g. Tucker u/v refresh).
-Data position = optimiser steps done (the sampler is stateless, :mod:`ultramem.data.loader`),
-so a checkpoint's step, weights, optimiser and RNG states give an exact resume.
+...) divided by ``grad_accum`` (DDP syncs gradients only on the last one); the global
+gradient norm (clipped when ``train.grad_clip > 0``); the divergence guard
+(:mod:`ultramem.train.guard`) before ``optimizer.step()``; ``model.after_optimizer_step(step)``
+(e.g. Tucker u/v refresh). Data position = optimiser steps done (the sampler is stateless,
+:mod:`ultramem.data.loader`), so a checkpoint's step, weights, optimiser and RNG states give an
+exact resume (:mod:`ultramem.train.resume`).
 """
 
 from __future__ import annotations
@@ -16,51 +20,29 @@ import contextlib
 import json
 import shutil
 import signal
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ultramem import checkpoint as ckpt
 from ultramem import distributed
 from ultramem.accounting import count
 from ultramem.config import Config
+from ultramem.data.index import check_vocab, dataset_identity, load_index, verify_shards
 from ultramem.data.loader import TokenBatches
-from ultramem.data.prepare import load_index
-from ultramem.errors import ConfigError, DataError
+from ultramem.errors import ConfigError
 from ultramem.eval.loss import autocast_ctx, bits_per_byte, evaluate_loss
 from ultramem.model.transformer import Transformer
-from ultramem.train import checkpoint as ckpt
+from ultramem.train.determinism import determinism
+from ultramem.train.guard import DivergenceGuard, diverged
 from ultramem.train.metrics import MetricsLogger, peak_flops, plot_runs, train_flops_per_token
 from ultramem.train.optim import build_param_groups, make_optimizer, set_lr
-
-# fields that may change between a checkpoint and its resume without --force (no effect on
-# the numbers computed)
-RESUME_SAFE = {"train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
-               "train.keep_last", "train.tensorboard", "train.peak_tflops", "train.checkpoint"}
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUME_SAFE]
-
-
-def check_vocab(index: dict[str, Any], cfg: Config, where: str) -> None:
-    if index["vocab_size"] > cfg.model.vocab_size:
-        raise DataError(
-            f"tokenizer/model vocabulary mismatch: {where} has vocab_size={index['vocab_size']} but "
-            f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={index['vocab_size']}")
+from ultramem.train.resume import check_resume, rng_state, set_rng_state
+from ultramem.train.rundir import RunLock, move_aside, prepare_run_dir
 
 
 class _StopFlag:
@@ -86,32 +68,76 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+@dataclass
+class Run:
+    """Everything one training run holds between steps (built by :func:`setup`)."""
+
+    cfg: Config
+    run_dir: Path
+    d: distributed.Dist
+    index: dict[str, Any]
+    model: Transformer
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    groups: list
+    train_batches: TokenBatches
+    val_batches: TokenBatches | None
+    logger: MetricsLogger
+    guard: DivergenceGuard
+    step: int = 0
+    tokens_seen: int = 0
+    tokens_per_step: int = 0
+    flops_tok: float = 0.0
+    peak: float | None = None
+    last_val: dict[str, Any] = field(default_factory=dict)
+    tok_s_ema: float | None = None
+    wall0: float = field(default_factory=time.perf_counter)
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = True, force: bool = False,
           stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir``; resumes from its latest checkpoint when there is one.
+    """Train ``cfg`` into ``out_dir``; resumes from its latest checkpoint when there is one
+    (``resume=False``: the previous run is moved aside first, see :mod:`ultramem.train.rundir`).
     ``stop_after``: behave as if signalled after that many steps (tests, preemptible jobs).
     Returns the run summary (also written to ``out_dir/summary.json``)."""
     cfg.validate()
-    tc, run_dir = cfg.train, Path(out_dir)
-    d = distributed.init(tc.device)
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after={stop_after}: must be >= 1")
+    run_dir = Path(out_dir)
+    d = distributed.init(cfg.train.device)
+    if d.is_main:
+        prepare_run_dir(run_dir)
+    with RunLock(run_dir, enabled=d.is_main), determinism(cfg.train.deterministic, d.device):
+        run = setup(cfg, run_dir, d, resume, force)
+        interrupted, signum = _loop(run, stop_after, progress)
+        return finish(run, interrupted, signum)
+
+
+def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: bool) -> Run:
+    """Check the data, restore or start the run, build model and optimiser."""
+    tc = cfg.train
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     index = load_index(cfg.data.path)
-    check_vocab(index, cfg, f"dataset {cfg.data.path}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_vocab(index, cfg.model.vocab_size, f"dataset {cfg.data.path}")
+    if d.is_main:
+        verify_shards(cfg.data.path, index)
+        if not resume and (moved := move_aside(run_dir)) is not None:
+            print(f"ultramem train: --restart: the previous run in {run_dir} was moved to {moved}", file=sys.stderr)
+    distributed.barrier(d)
 
     torch.manual_seed(tc.seed)
     model = Transformer.build(cfg.model, d.device)
     step, tokens_seen, optim_state = 0, 0, None
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if last is not None:
-        diff = config_diff(ckpt.read_config(last), cfg.to_dict())
-        if diff and not force:
-            raise ConfigError(f"{run_dir} was trained with a different config; refusing to resume "
-                              f"(pass --force to resume anyway, or use a new --out):\n  " + "\n  ".join(diff))
         weights, optim_state, state = ckpt.read_checkpoint(last)
+        forced = check_resume(run_dir, ckpt.read_config(last), cfg.to_dict(), state.get("data"),
+                              dataset_identity(index), force)
         ckpt.load_model_weights(model, weights, last)  # before sharding: every rank loads it whole
-        ckpt.set_rng_state(state["rng"])
+        if forced and d.is_main:
+            print(f"ultramem train: --force: resuming {last} despite: " + "; ".join(forced), file=sys.stderr)
+        set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
     net = distributed.wrap(model, d, tc.parallel)  # FSDP2 swaps in sharded parameters here,
     groups = build_param_groups(model, tc)  # so the optimiser is built after wrapping
@@ -129,104 +155,151 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = True, force: bool = F
 
     if tc.compile:
         net = torch.compile(net)
-    seq, bsz = cfg.data.seq_len, tc.batch_size
-    train_batches = TokenBatches(cfg.data.path, "train", seq, bsz, tc.seed, d.rank, d.world)
-    val_batches = (TokenBatches(cfg.data.path, "val", seq, bsz, shuffle=False)
+    seq, bsz, vocab = cfg.data.seq_len, tc.batch_size, cfg.model.vocab_size
+    train_batches = TokenBatches(cfg.data.path, "train", seq, bsz, tc.seed, d.rank, d.world, vocab_size=vocab)
+    val_batches = (TokenBatches(cfg.data.path, "val", seq, bsz, shuffle=False, vocab_size=vocab)
                    if index["splits"]["val"]["tokens"] > seq else None)
-    counts = count(cfg.model)
-    flops_tok = train_flops_per_token(cfg.model, seq)
-    peak = peak_flops(d.device, tc.peak_tflops)
-    tokens_per_step = bsz * seq * tc.grad_accum * d.world
+    return Run(cfg, run_dir, d, index, model, net, opt, groups, train_batches, val_batches, logger,
+               DivergenceGuard(tc.spike_factor, tc.spike_window), step=step, tokens_seen=tokens_seen,
+               tokens_per_step=bsz * seq * tc.grad_accum * d.world,
+               flops_tok=train_flops_per_token(cfg.model, seq), peak=peak_flops(d.device, tc.peak_tflops))
 
-    def run_eval() -> dict[str, Any]:
-        if val_batches is None:
-            return {}
-        loss, n = evaluate_loss(model, val_batches, d.device, tc.dtype, tc.eval_batches)
-        vs = index["splits"]["val"]
-        return {"val_loss": loss, "val_bpb": bits_per_byte(loss, n, vs["tokens"], vs["bytes"])}
 
-    def save() -> None:
-        if not tc.checkpoint:
-            return
-        model_sd, optim_sd = distributed.full_state_dicts(model, opt)  # collective when sharded
-        if d.is_main:
-            ckpt.save_checkpoint(run_dir, step, model_sd, optim_sd, {"step": step, "tokens_seen": tokens_seen},
-                                 cfg.to_dict(), tc.keep_last)
-        distributed.barrier(d)
-
+def _loop(run: Run, stop_after: int | None, progress: bool) -> tuple[bool, int | None]:
+    """Steps until ``max_steps``, a signal or ``stop_after``; returns (interrupted, signal)."""
+    tc, d = run.cfg.train, run.d
     bar = None
     if d.is_main and progress:
         from tqdm import tqdm  # noqa: PLC0415
 
-        bar = tqdm(total=tc.max_steps, initial=step, desc=run_dir.name, unit="step", dynamic_ncols=True)
-    model.train()
-    tok_s_ema, last_val, wall0, interrupted = None, {}, time.perf_counter(), False
-    with _StopFlag() as stop:
-        while step < tc.max_steps:
-            t0 = time.perf_counter()
-            lr = set_lr(opt, groups, step, tc)
-            track = (step + 1) % tc.log_every == 0 or step == 0
-            model.set_track_metrics(track)
-            loss_sum, aux_sum, aux_parts, layer_metrics = _accumulate(net, train_batches, step, tc, d)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                         if tc.grad_clip > 0 else torch.tensor(0.0))
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                grad_norm = grad_norm.full_tensor()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.after_optimizer_step(step)
-            step += 1
-            tokens_seen += tokens_per_step
-            loss_t = distributed.all_reduce_mean(torch.tensor([loss_sum], device=d.device), d)
-            loss_val = float(loss_t[0])
-            dt = time.perf_counter() - t0
-            tok_s = tokens_per_step / dt
-            tok_s_ema = tok_s if tok_s_ema is None or step <= 2 else 0.9 * tok_s_ema + 0.1 * tok_s
-            row: dict[str, Any] = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
-                                   "tokens": tokens_seen, "tokens_per_s": tok_s, "dt": dt}
-            if peak:
-                row["mfu"] = tok_s * flops_tok / (peak * d.world)
-            if aux_parts:
-                row["aux_loss"] = aux_sum
-                row.update(aux_parts)
-            row.update(layer_metrics)
-            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
-                last_val = run_eval()
-                row.update(last_val)
-            logger.log(row)
-            if bar is not None:
-                bar.update(1)
-                if track or "val_loss" in row:
-                    post = {"loss": f"{loss_val:.3f}", "tok/s": f"{tok_s_ema:,.0f}"}
-                    if "val_loss" in last_val:
-                        post["val"] = f"{last_val['val_loss']:.3f}"
-                    bar.set_postfix(post)
-            stopping = stop.signum is not None or (stop_after is not None and step >= stop_after)
-            if d.enabled:
-                flag = torch.tensor([1.0 if stopping else 0.0], device=d.device)
-                stopping = bool(distributed.all_reduce_mean(flag, d)[0] > 0)
-            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.max_steps or stopping:
-                save()
-            if stopping and step < tc.max_steps:
-                interrupted = True
-                break
-    if bar is not None:
-        bar.close()
-    model.set_track_metrics(False)
+        bar = tqdm(total=tc.max_steps, initial=run.step, desc=run.run_dir.name, unit="step", dynamic_ncols=True)
+    run.model.train()
+    interrupted = False
+    try:
+        with _StopFlag() as stop:
+            while run.step < tc.max_steps:
+                row = train_step(run)
+                if (tc.eval_every and run.step % tc.eval_every == 0) or run.step == tc.max_steps:
+                    run.last_val = run_eval(run)
+                    row.update(run.last_val)
+                log_step(run, row, bar)
+                stopping = stop.signum is not None or (stop_after is not None and run.step >= stop_after)
+                if d.enabled:
+                    flag = torch.tensor([1.0 if stopping else 0.0], device=d.device)
+                    stopping = bool(distributed.all_reduce_mean(flag, d)[0] > 0)
+                if (tc.ckpt_every and run.step % tc.ckpt_every == 0) or run.step == tc.max_steps or stopping:
+                    save(run)
+                if stopping and run.step < tc.max_steps:
+                    interrupted = True
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        run.model.set_track_metrics(False)
+    return interrupted, stop.signum
+
+
+def train_step(run: Run) -> dict[str, Any]:
+    """One optimiser step; returns its metrics row. Raises DivergenceError (before applying
+    the step) when the loss or gradient norm is not finite or the loss spikes."""
+    tc, d, step = run.cfg.train, run.d, run.step
+    t0 = time.perf_counter()
+    lr = set_lr(run.opt, run.groups, step, tc)
+    track = (step + 1) % tc.log_every == 0 or step == 0
+    run.model.set_track_metrics(track)
+    loss_sum, aux_sum, aux_parts, layer_metrics = _accumulate(run.net, run.train_batches, step, tc, d)
+    # the norm is computed even unclipped (max_norm=inf): the guard needs it
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                               tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    loss_val = float(distributed.all_reduce_mean(torch.tensor([loss_sum], device=d.device), d)[0])
+    problem = run.guard.check(loss_val, float(grad_norm))
+    if problem is not None:
+        run.opt.zero_grad(set_to_none=True)
+        raise diverged(step + 1, problem, ckpt.latest_checkpoint(run.run_dir))
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.model.after_optimizer_step(step)
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    dt = time.perf_counter() - t0
+    tok_s = run.tokens_per_step / dt
+    run.tok_s_ema = tok_s if run.tok_s_ema is None or run.step <= 2 else 0.9 * run.tok_s_ema + 0.1 * tok_s
+    row: dict[str, Any] = {"step": run.step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+                           "tokens": run.tokens_seen, "tokens_per_s": tok_s, "dt": dt}
+    if run.peak:
+        row["mfu"] = tok_s * run.flops_tok / (run.peak * d.world)
+    if aux_parts:
+        row["aux_loss"] = aux_sum
+        row.update(aux_parts)
+    row.update(layer_metrics)
+    return row
+
+
+def log_step(run: Run, row: dict[str, Any], bar: Any) -> None:
+    """metrics.jsonl (+ TensorBoard) and the progress bar."""
+    run.logger.log(row)
+    if bar is None:
+        return
+    bar.update(1)
+    tc = run.cfg.train
+    if run.step % tc.log_every == 0 or run.step == 1 or "val_loss" in row:
+        post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{run.tok_s_ema:,.0f}"}
+        if "val_loss" in run.last_val:
+            post["val"] = f"{run.last_val['val_loss']:.3f}"
+        bar.set_postfix(post)
+
+
+def run_eval(run: Run) -> dict[str, Any]:
+    if run.val_batches is None:
+        return {}
+    tc = run.cfg.train
+    loss, n = evaluate_loss(run.model, run.val_batches, run.d.device, tc.dtype, tc.eval_batches)
+    vs = run.index["splits"]["val"]
+    return {"val_loss": loss, "val_bpb": bits_per_byte(loss, n, vs["tokens"], vs["bytes"])}
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the current step (collective when sharded; rank 0 writes)."""
+    tc = run.cfg.train
+    if not tc.checkpoint:
+        return
+    model_sd, optim_sd = distributed.full_state_dicts(run.model, run.opt)
+    if run.d.is_main:
+        state = {"step": run.step, "tokens_seen": run.tokens_seen, "rng": rng_state(),
+                 "data": dataset_identity(run.index)}
+        ckpt.save_checkpoint(run.run_dir, run.step, model_sd, optim_sd, state, run.cfg.to_dict(), tc.keep_last)
+    distributed.barrier(run.d)
+
+
+def finish(run: Run, interrupted: bool, signum: int | None) -> dict[str, Any]:
+    """Summary (``summary.json``) and loss plot; a rerun of a finished run (no step taken)
+    re-evaluates and keeps the previous throughput figures."""
+    tc, d, counts = run.cfg.train, run.d, count(run.cfg.model)
+    if not run.last_val and run.step == tc.max_steps and run.step > 0:
+        run.last_val = run_eval(run)
     summary = {
-        "run": str(run_dir), "step": step, "max_steps": tc.max_steps, "interrupted": interrupted,
-        "signal": stop.signum, "params": counts.params, "active_params": counts.active_params,
-        "flops_per_token": counts.flops_per_token, "train_flops_per_token": flops_tok,
-        "tokens_seen": tokens_seen, "tokens_per_s": tok_s_ema, "device": _device_name(d.device),
-        "world_size": d.world, "wall_s": time.perf_counter() - wall0, **last_val,
+        "run": str(run.run_dir), "step": run.step, "max_steps": tc.max_steps, "interrupted": interrupted,
+        "signal": signum, "params": counts.params, "active_params": counts.active_params,
+        "flops_per_token": counts.flops_per_token, "train_flops_per_token": run.flops_tok,
+        "tokens_seen": run.tokens_seen, "tokens_per_s": run.tok_s_ema, "device": _device_name(d.device),
+        "world_size": d.world, "wall_s": time.perf_counter() - run.wall0, **run.last_val,
     }
-    if peak and tok_s_ema:
-        summary["mfu"] = tok_s_ema * flops_tok / (peak * d.world)
+    if run.peak and run.tok_s_ema:
+        summary["mfu"] = run.tok_s_ema * run.flops_tok / (run.peak * d.world)
     if d.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if step > 0:
-            plot_runs([run_dir], run_dir / "loss_curve.png", labels=[run_dir.name])
-    logger.close()
+        path = run.run_dir / "summary.json"
+        if run.tok_s_ema is None and path.is_file():  # no step ran: keep the measured figures
+            with contextlib.suppress(ValueError, OSError):
+                prev = json.loads(path.read_text())
+                for k in ("tokens_per_s", "mfu", "wall_s"):
+                    if k in prev:
+                        summary[k] = prev[k]
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        if run.step > 0:
+            plot_runs([run.run_dir], run.run_dir / "loss_curve.png", labels=[run.run_dir.name])
+    run.logger.close()
     distributed.shutdown(d)
     return summary
 

@@ -5,7 +5,8 @@ Layout: ``RUN/checkpoints/step_0000100/`` holding
 - ``model.safetensors``: the full (unsharded) weights; a tensor reachable under several names
   is stored once, the other names listed in the file's metadata (``aliases``);
 - ``optimizer.pt``: the optimiser state dict;
-- ``state.pt``: step, data position, tokens seen, RNG states (torch CPU/CUDA, Python);
+- ``state.pt``: the trainer's state (step = data position, tokens seen, RNG states, the
+  dataset's identity; see :mod:`ultramem.train.resume`);
 - ``config.json``: the resolved config;
 - ``manifest.json`` (written last): size and sha256 of each file above.
 
@@ -14,6 +15,14 @@ directory renamed to its final name (``rename`` is atomic on POSIX) and the pare
 A crash mid-save leaves only a ``.tmp-*`` directory, which :func:`list_checkpoints` ignores
 and the next save removes. :func:`load_checkpoint` refuses a checkpoint whose manifest is
 missing or whose files do not match it (truncated or corrupt).
+
+Never saved: weights with a NaN or an infinity (:func:`save_checkpoint` refuses them, so
+keep-last rotation can never replace a good checkpoint by a diverged one). A failed write (a
+full disk, a read-only file system) removes its temporary directory and raises a
+:class:`CheckpointError` naming the directory and the free space.
+
+This module is the one place that reads and writes checkpoints: training, evaluation,
+inference and export import it; it imports nothing of theirs.
 """
 
 from __future__ import annotations
@@ -21,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -76,20 +84,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _write_files(tmp: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],
                  state: dict[str, Any], config: dict[str, Any]) -> None:
     """The payload files (the step a crash test interrupts)."""
@@ -124,26 +118,43 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def non_finite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding a NaN or an infinity."""
+    return [name for name, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     optim_state: dict[str, Any], state: dict[str, Any],
                     config: dict[str, Any], keep_last: int = 2) -> Path:
     """Write checkpoint ``step`` atomically (full state dicts, see
-    :func:`ultramem.distributed.full_state_dicts`); keep the newest ``keep_last``."""
+    :func:`ultramem.distributed.full_state_dicts`); keep the newest ``keep_last``.
+    Refuses non-finite weights (CheckpointError; nothing is written or rotated)."""
+    bad = non_finite_tensors(model_state)
+    if bad:
+        last = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"refusing to save step {step}: non-finite values in {len(bad)} weight tensors "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+            f"the last good checkpoint is kept: {last or 'none'}")
     root = ckpt_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    _write_files(tmp, model_state, optim_state, {**state, "rng": rng_state()}, config)
-    manifest = {"step": step, "files": {}}
-    for name in FILES:
-        _fsync_file(tmp / name)
-        manifest["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        _write_files(tmp, model_state, optim_state, state, config)
+        manifest = {"step": step, "files": {}}
+        for name in FILES:
+            _fsync_file(tmp / name)
+            manifest["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failure(root, final.name, e)) from e
     if final.exists():  # re-saving a step (e.g. a signal right after a periodic save)
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -152,10 +163,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
-    if keep_last > 0:
+    if keep_last > 0:  # only completed checkpoints count; the new one is always kept
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_failure(root: Path, name: str, e: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+    return (f"{root}: writing checkpoint {name} failed ({reason}; {free}); the previous "
+            f"checkpoints are untouched -- free some space or choose another --out")
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -191,6 +213,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs the model's {tuple(own[k].shape)}"
+             for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{where}: weight shapes do not fit the model ({'; '.join(wrong[:3])}); "
+                              f"the model.* config differs from the checkpoint's -- use a new --out")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not fit the model (missing {sorted(missing)[:5]}, "
@@ -209,4 +237,7 @@ def load_checkpoint(path: str | Path, model: nn.Module,
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "config.json").read_text())
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: unreadable ({e})") from None
