@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,9 +83,15 @@ def test_directory_contents_and_card(exported):
               "configuration_ultramem.py", "ultramem_backend.py", "um_model_transformer.py", "README.md"):
         assert (d / f).is_file(), f
     assert not list(d.glob("*triton*")), "kernels must not be copied"
-    assert not any("ultramem." in ln and "import" in ln and "from ultramem.hf" not in ln and "import ultramem" not in ln
-                   for f in d.glob("um_*.py") for ln in f.read_text().splitlines()
-                   if ln.lstrip().startswith(("from ", "import ")))
+    for f in d.glob("um_*.py"):  # the copy reaches no ultramem module, by import or by name
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not node.module.startswith("ultramem"), (f.name, node.module)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("ultramem") for a in node.names), f.name
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):  # kernels, by name
+                assert not re.fullmatch(r"ultramem(\.\w+)+", node.value), (f.name, node.value)
     card = (d / "README.md").read_text()
     assert "active parameters per token" in card and "FLOPs per token" in card and "ultramem_v2" in card
     from safetensors import safe_open

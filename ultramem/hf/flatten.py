@@ -9,7 +9,8 @@ directory -- flat files only, no sub-packages. So each module ``ultramem.a.b`` (
 - ``from ultramem.a import b`` (``b`` a module)  ->  ``from . import um_a_b as b``
 - ``import ultramem.a``  ->  ``from . import um_a`` (only used for its side effects)
 - an import of a module that is not copied (the Triton kernels) -> ``raise ImportError``, which
-  only an ``except`` around it may meet (the ops' dispatchers: "no kernels").
+  only an ``except`` around it may meet (the ops' dispatchers: "no kernels"); a kernel module
+  named in a string (imported on first use) gets a suffix that makes it unimportable.
 
 The set copied is the import closure of :data:`ROOTS`; nothing is copied by a hand-kept list,
 so the copy follows the package as it changes.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 from ultramem.errors import ConfigError
@@ -108,8 +110,24 @@ def _rewrite_stmt(node: ast.stmt, copied: set[str], where: str) -> str:
     return "; ".join(stmts)
 
 
+NOT_COPIED = " (not in the exported copy)"
+
+
+def _module_strings(tree: ast.AST, copied: set[str]) -> set[str]:
+    """String constants naming an ultramem module that is not copied (the kernel modules the
+    ops import by name on first use)."""
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and re.fullmatch(r"ultramem(\.\w+)+", n.value) and n.value not in copied}
+
+
 def rewrite(source: str, copied: set[str], where: str) -> str:
-    """``source`` with every ultramem import made relative to the flat copy."""
+    """``source`` with every ultramem import made relative to the flat copy, and every kernel
+    module named as a string made unimportable (so an installed ultramem of another version is
+    never reached from the copy: the ops take their reference)."""
+    tree = ast.parse(source)
+    for name in _module_strings(tree, copied):
+        for q in ('"', "'"):
+            source = source.replace(f"{q}{name}{q}", f"{q}{name}{NOT_COPIED}{q}")
     lines = source.splitlines(keepends=True)
     for node in sorted(_imports(ast.parse(source)), key=lambda n: n.lineno, reverse=True):
         indent = lines[node.lineno - 1][: node.col_offset]
