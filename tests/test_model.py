@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ultramem.config import load_config
+from ultramem.model.decode_state import DecodeState
 from ultramem.model.transformer import Transformer
 from ultramem.presets import preset_names
 
@@ -45,7 +46,7 @@ def test_decode_with_state_equals_full_forward(name):
     idx = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         full = model(idx).logits
-        state: dict = {}
+        state = DecodeState.allocate(model, 2, 10)
         prefill = model(idx[:, :6], state=state).logits
         steps = [model(idx[:, i : i + 1], state=state).logits for i in range(6, 10)]
     got = torch.cat([prefill, *steps], dim=1)

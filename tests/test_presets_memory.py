@@ -7,6 +7,7 @@ import torch
 
 from ultramem.accounting import count
 from ultramem.layers.ultramem import UltraMemConfig
+from ultramem.model.decode_state import DecodeState
 from ultramem.model.transformer import Transformer
 from ultramem.presets import get_preset, get_preset_info, preset_names
 from ultramem.presets.ablation import LADDER, rung_name
@@ -128,6 +129,6 @@ def test_tiny_model_decode_with_state_equals_full_forward(name):
                 layer.query_conv.weight.normal_()  # a non-trivial causal kernel
         idx = torch.randint(0, 8192, (2, 8))
         full = model(idx).logits
-        state: dict = {}
+        state = DecodeState.allocate(model, 2, 8)
         steps = torch.cat([model(idx[:, t:t + 1], state=state).logits for t in range(8)], 1)
     assert torch.allclose(full, steps, atol=1e-4)

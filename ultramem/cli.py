@@ -27,6 +27,7 @@ COMMANDS = (
     "ultramem.train.plot",
     "ultramem.eval.cli",
     "ultramem.inference.generate",
+    "ultramem.inference.bench",
     "ultramem.train.demo",
     "ultramem.hf.export",
 )

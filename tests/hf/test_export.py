@@ -69,7 +69,7 @@ def test_logits_and_greedy_tokens_match_without_ultramem(exported, preset):
     assert hf.shape == ref.shape
     torch.testing.assert_close(hf, ref, atol=1e-4, rtol=0)
     # greedy with ultramem's own KV-cache generate (no stop token: min_new_tokens in the child)
-    new = generate(loaded.model, res["ids"], NEW, temperature=0)
+    new = generate(loaded.model, [res["ids"]], NEW, temperature=0, stop=[]).ids[0]
     assert res["new"] == new
 
 

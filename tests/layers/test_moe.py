@@ -1,8 +1,26 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from ultramem.layers.moe import MoEConfig, route, sort_by_expert, switch_balance_loss
+from ultramem.errors import ConfigError
+from ultramem.layers.moe import (
+    MoEConfig,
+    dispatch,
+    expert_counts,
+    grouped_mm_available,
+    route,
+    sort_by_expert,
+    switch_balance_loss,
+)
 from ultramem.layers.registry import ShapeContext
+
+SHAPE = ShapeContext(d_model=32, n_layers=2)
+CONFIGS = (
+    dict(n_experts=6, top_k=2, hidden=24),
+    dict(n_experts=5, top_k=3, hidden=16, activation="swiglu", n_shared=1, normalize_top_k=True, z_loss_weight=1e-3),
+)
+needs_grouped = pytest.mark.skipif(not grouped_mm_available(torch.device("cpu"), torch.float32),
+                                   reason="this torch build has no CPU torch._grouped_mm")
 
 
 def test_balance_loss_hand_computed():
@@ -16,15 +34,33 @@ def test_balance_loss_hand_computed():
     assert torch.isclose(switch_balance_loss(uni, torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]]), 4), torch.tensor(1.0))
 
 
-def test_every_token_reaches_exactly_k_experts():
+def test_balance_loss_equals_bincount_definition():
+    probs = torch.randn(50, 7).softmax(-1)
+    topk = probs.topk(3, -1).indices
+    f = torch.bincount(topk.flatten(), minlength=7).float() / topk.numel()
+    assert torch.allclose(switch_balance_loss(probs, topk, 7), 7 * (f * probs.mean(0)).sum())
+    assert torch.equal(expert_counts(topk, 7), torch.bincount(topk.flatten(), minlength=7))
+
+
+@pytest.mark.parametrize("skew", [0.0, 6.0])
+def test_dispatch_is_dropless(skew):
     logits = torch.randn(37, 8)
+    logits[:, 0] += skew  # skew: expert 0 in every token's top-3, experts 6 and 7 in none
+    logits[:, 6:] -= skew
     _, _, experts = route(logits, 3, normalize=False)
+    d = dispatch(experts, 8)
+    assert torch.equal(torch.bincount(d.token_of, minlength=37), torch.full((37,), 3))
+    assert d.counts.sum() == 37 * 3 and torch.equal(d.counts, torch.bincount(experts.flatten(), minlength=8))
+    assert torch.equal(d.offs.long(), d.counts.cumsum(0))
+    assert all(len(set(row.tolist())) == 3 for row in experts)  # distinct experts per token
+    sorted_ids = experts.flatten()[d.order]
+    assert torch.equal(sorted_ids, sorted_ids.sort().values)  # grouped by expert
+    assert torch.equal(d.order[d.inverse], torch.arange(37 * 3))
+    assert torch.equal(d.token_of, d.order // 3)
     order, token_of, counts = sort_by_expert(experts, 8)
-    assert torch.equal(torch.bincount(token_of, minlength=37), torch.full((37,), 3))
-    assert counts.sum() == 37 * 3
-    # distinct experts per token, sorted assignments grouped by expert
-    assert all(len(set(row.tolist())) == 3 for row in experts)
-    assert torch.equal(experts.flatten()[order], experts.flatten()[order].sort().values)
+    assert torch.equal(order, d.order) and torch.equal(counts, d.counts)
+    if skew:
+        assert d.counts[0] == 37 and (d.counts == 0).any()
 
 
 def _naive(layer, x):
@@ -43,17 +79,101 @@ def _naive(layer, x):
     return out.view(x.shape)
 
 
-def test_moe_matches_naive_definition_and_grads_flow():
-    for cfg in (MoEConfig(n_experts=6, top_k=2, hidden=24),
-                MoEConfig(n_experts=5, top_k=3, hidden=16, activation="swiglu", n_shared=1, normalize_top_k=True,
-                          z_loss_weight=1e-3)):
-        layer = cfg.build(ShapeContext(d_model=32, n_layers=2))
+def _layers(cfg: dict, impls):
+    out = {}
+    for impl in impls:
+        torch.manual_seed(1)
+        layer = MoEConfig(**cfg, impl=impl).build(SHAPE)
         layer.init_weights()
-        x = torch.randn(2, 9, 32)
-        y = layer(x)
-        assert torch.allclose(y, _naive(layer, x), atol=1e-5)
-        aux, _ = layer.pop_aux()
-        assert "balance" in aux and (cfg.z_loss_weight == 0) == ("z_loss" not in aux)
-        (y.square().sum() + sum(aux.values())).backward()
-        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
-        assert layer.w_up.grad.abs().sum() > 0
+        out[impl] = layer
+    return out
+
+
+def _run(layer, x):
+    """Output, and the gradient of the input and of every parameter (aux losses included)."""
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    aux, _ = layer.pop_aux()
+    (y.float().square().sum() + sum(aux.values())).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    grads["x"] = x.grad
+    return y, aux, grads
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_loop_matches_naive_definition(cfg):
+    layer = _layers(cfg, ["loop"])["loop"]
+    x = torch.randn(2, 9, 32)
+    assert torch.allclose(layer(x), _naive(layer, x), atol=1e-5)
+    aux, _ = layer.pop_aux()
+    assert "balance" in aux and (cfg.get("z_loss_weight", 0) == 0) == ("z_loss" not in aux)
+
+
+@pytest.mark.parametrize("skew", [0.0, 4.0])
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("impl", [pytest.param("grouped_mm", marks=needs_grouped), "gather"])
+def test_path_matches_loop_outputs_and_every_gradient(impl, cfg, skew):
+    layers = _layers(cfg, [impl, "loop"])
+    x = torch.randn(3, 7, 32)
+    if skew:  # one expert takes most tokens; some experts get none
+        w0 = layers["loop"].router.weight[0].detach()
+        x = x + skew * w0 / w0.norm()
+    results = {k: _run(layer, x) for k, layer in layers.items()}
+    (y, aux, grads), (y_ref, aux_ref, grads_ref) = results[impl], results["loop"]
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert aux.keys() == aux_ref.keys() and all(torch.allclose(aux[k], aux_ref[k]) for k in aux)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert grads_ref[name].abs().sum() > 0, name
+        assert torch.allclose(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4), name
+    if skew:
+        _, _, experts = route(layers["loop"].router(x.reshape(-1, 32)), cfg["top_k"], False)
+        counts = expert_counts(experts, cfg["n_experts"])
+        assert counts.max() >= x.shape[0] * x.shape[1] * 0.9
+
+
+def test_auto_picks_gather_for_few_tokens_and_grouped_for_many():
+    layer = MoEConfig(n_experts=8, top_k=2, hidden=16, gather_max=8).build(SHAPE)
+    cpu = torch.device("cpu")
+    assert layer.path_for(4, cpu, torch.float32) == "gather"
+    expected = "grouped" if grouped_mm_available(cpu, torch.float32) else "loop"
+    assert layer.path_for(5, cpu, torch.float32) == expected
+    assert MoEConfig(impl="loop").build(SHAPE).path_for(1, cpu, torch.float32) == "loop"
+
+
+@needs_grouped
+def test_autocast_fp32_input_takes_grouped_path_in_bf16():
+    """The block input is fp32 under autocast: the layer must still take the grouped path,
+    computing in bf16 (the autocast dtype), and agree with the loop in bf16."""
+    layers = _layers(CONFIGS[1], ["auto", "loop"])
+    x = torch.randn(2, 16, 32)
+    assert layers["auto"].path_for(x.shape[0] * x.shape[1], x.device, torch.bfloat16) == "grouped"
+    ys = {}
+    for impl, layer in layers.items():
+        with torch.autocast("cpu", torch.bfloat16):
+            ys[impl] = layer(x)
+    assert ys["auto"].dtype == torch.bfloat16
+    err = (ys["auto"].float() - ys["loop"].float()).norm() / ys["loop"].float().norm()
+    assert err < 2e-2
+
+
+@needs_grouped
+@pytest.mark.parametrize("n_tokens", [2, 24])  # gather path, grouped path
+def test_compiles_without_graph_breaks(n_tokens):
+    """fullgraph=True fails on any graph break; aot_eager traces the backward too (bf16: the
+    grouped_mm meta kernel accepts no other dtype)."""
+    layer = _layers(CONFIGS[1], ["auto"])["auto"].to(torch.bfloat16)
+    x = torch.randn(1, n_tokens, 32, dtype=torch.bfloat16, requires_grad=True)
+    y_eager = layer(x)  # fills the grouped_mm probe cache outside tracing
+    layer.pop_aux()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    aux, _ = layer.pop_aux()
+    (y.sum() + sum(aux.values())).backward()
+    assert torch.allclose(y, y_eager, atol=1e-2) and layer.w_up.grad.abs().sum() > 0
+
+
+def test_bad_configs_raise_one_line_errors():
+    for bad in (dict(impl="fast"), dict(top_k=40), dict(activation="relu"), dict(gather_max=-1)):
+        with pytest.raises(ConfigError):
+            MoEConfig(**bad).validate(SHAPE, "model.ffn")

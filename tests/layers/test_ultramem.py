@@ -228,10 +228,10 @@ def test_query_conv_causal_and_decode_state_matches_full():
     x2 = x.clone()
     x2[:, 4:] = torch.randn(2, 3, 32)
     assert torch.allclose(layer(x2)[:, :4], full[:, :4], atol=1e-6)  # causal
-    state: dict = {}
+    state = layer.new_state(2, x.device, x.dtype)
     steps = [layer(x[:, t:t + 1], state) for t in range(7)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
-    state2: dict = {}
+    state2 = layer.new_state(2, x.device, x.dtype)
     chunks = torch.cat([layer(x[:, :3], state2), layer(x[:, 3:], state2)], 1)
     assert torch.allclose(chunks, full, atol=1e-5)
 

@@ -138,7 +138,7 @@ def test_causal_and_deterministic():
     x2 = x.clone()
     x2[:, 3:] += 1.0
     assert torch.allclose(layers[1](x2)[:, :3], y[:, :3], atol=1e-6)
-    state: dict = {}
+    state = layers[1].new_state(2, x.device, x.dtype)
     steps = torch.cat([layers[1](x[:, t:t + 1], state) for t in range(6)], 1)
     assert torch.allclose(steps, y, atol=1e-5)
 

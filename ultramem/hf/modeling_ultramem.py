@@ -36,8 +36,8 @@ class UltramemCache:
     is_compileable = False
     is_linear = (False,)
 
-    def __init__(self, model: Transformer) -> None:
-        self.state = new_decode_state(model)
+    def __init__(self) -> None:
+        self.state = None  # ultramem's decode state, allocated by the first forward (its batch)
         self.seen = 0  # tokens already run through the model
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -106,8 +106,10 @@ class UltramemForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("ultramem models take input_ids (inputs_embeds is not supported)")
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
-            cache = UltramemCache(self.model)
+            cache = UltramemCache()
         _check_mask(attention_mask, cache)
+        if cache is not None and cache.state is None:
+            cache.state = new_decode_state(self.model, input_ids.shape[0])
         out = self.model(input_ids, state=cache.state if cache is not None else None)
         if cache is not None:
             cache.seen += input_ids.shape[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ultramem.config import ModelConfig, from_dict
+from ultramem.model.decode_state import DecodeState
 from ultramem.model.transformer import Transformer
 
 BACKEND = "ultramem"  # the exported switch says "reference copy" when it takes the copy
@@ -25,7 +26,7 @@ def model_config(d: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def new_decode_state(model: Transformer) -> dict:
-    """An empty decode state for ``Transformer.forward(..., state=...)`` (KV cache and every
-    layer's decode state)."""
-    return {}
+def new_decode_state(model: Transformer, batch: int) -> DecodeState:
+    """A zeroed decode state of ``batch`` sequences up to the model's context, for
+    ``Transformer.forward(..., state=...)`` (KV cache and every layer's decode state)."""
+    return DecodeState.allocate(model, batch)

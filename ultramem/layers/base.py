@@ -24,8 +24,10 @@ rank-1 refresh, SPEC §3.7).
 
 Decode state
 ------------
-``state`` is a per-layer mutable dict owned by the caller for step-by-step decoding (e.g. the
-query convolution's rolling window, SPEC §3.11). ``None`` means a full-sequence forward.
+``state`` is the layer's :class:`~ultramem.layers.state.LayerState` for step-by-step decoding
+(e.g. the query convolution's rolling window, SPEC §3.11), made once by ``new_state`` and
+updated in place; ``None`` means a full-sequence forward. Layers that carry nothing between
+decode calls keep the default ``new_state`` (``None``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ultramem.layers.state import LayerState
 
 
 @dataclass
@@ -88,7 +92,11 @@ class SparseLayer(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         return None
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState | None:
+        """Decode state for ``batch`` sequences, or ``None`` if the layer is stateless per token."""
+        return None
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 

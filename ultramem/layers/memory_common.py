@@ -13,6 +13,7 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import ShapeContext
+from ultramem.layers.state import LayerState
 from ultramem.layers.tdqkr import KEY_NORMS, QUERY_NORMS
 
 IMPLS = ("auto", "torch", "triton")
@@ -23,7 +24,10 @@ class RetrievalLayer(SparseLayer):
     retrieval, and the Tucker singular-value aux loss (SPEC §3.7). Subclasses set
     ``self.query_conv`` (or None), ``self.retrieval`` and ``self.cfg`` (``aux_alpha``, ``aux_tau``)."""
 
-    def retrieve(self, x: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState | None:
+        return self.query_conv.new_state(batch, device, dtype) if self.query_conv is not None else None
+
+    def retrieve(self, x: torch.Tensor, state: LayerState | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, S, D]`` -> ``(scores [T, H, m, h_c], addr [T, H, m])``."""
         h = self.query_conv(x, state) if self.query_conv is not None else x
         return self.retrieval(h.reshape(-1, x.shape[-1]))

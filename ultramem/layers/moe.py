@@ -1,9 +1,22 @@
-"""Token-choice top-k mixture of experts (SPEC §5): softmax gate, Switch-style balance loss,
-optional shared experts and router z-loss, fine-grained expert sizes.
+"""Token-choice top-k mixture of experts (docs/math.md §5): softmax gate, Switch-style balance
+loss, optional shared experts and router z-loss, fine-grained expert sizes.
 
-Tokens are sorted by expert and each expert's contiguous segment goes through one matmul:
-``torch._grouped_mm`` (one launch for all experts) on CUDA with bf16 where available, else a
-loop over experts (never over tokens).
+Dropless, and with no host synchronisation on the default paths, so a training step captures
+in a CUDA graph and compiles without graph breaks. Three ways to apply the experts
+(``MoE.path_for`` says which one a forward takes)::
+
+    x [T, D] -> router -> probs [T, E] -> top-k -> gates, experts [T, k]
+      "grouped" (T*k large): sort the T*k assignments by expert on device (sort + searchsorted
+                 offsets), gather rows, one torch._grouped_mm per projection, gather back
+                 token-major, weighted sum over k.
+      "gather"  (T*k <= gather_max, decode): gather the selected experts' weights
+                 [T*k, D, h] and run batched matmuls; no sort, reads only selected experts.
+      "loop"    (reference): one matmul per expert over its segment; ``counts.tolist()``
+                 synchronises with the host, so it is the oracle, not a path for speed.
+
+Permutations are their own autograd functions whose backward is a gather by the inverse
+permutation (no atomics, deterministic). Every path computes in the autocast dtype when
+autocast is on (the block input is fp32 there), else in the weights' dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +33,8 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+
+IMPLS = ("auto", "grouped_mm", "gather", "loop")
 
 
 @register_layer("moe", role="ffn")
@@ -36,7 +52,10 @@ class MoEConfig(LayerConfig):
     z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE); 0 = off
     normalize_top_k: bool = False  # renormalise the k gate probabilities to sum to 1
     init_std: float = 0.02
-    impl: str = "auto"  # "auto" | "grouped_mm" | "loop"
+    # "auto": "gather" when tokens * top_k <= gather_max, else "grouped_mm" (the loop where this
+    # torch build has no usable torch._grouped_mm); the others force one path.
+    impl: str = "auto"
+    gather_max: int = 16  # decode threshold on tokens * top_k (measured: docs/layers.md, MoE)
 
     def validate(self, shape: ShapeContext, where: str) -> None:
 
@@ -50,10 +69,10 @@ class MoEConfig(LayerConfig):
             )
         if self.activation not in ("gelu", "swiglu"):
             raise ConfigError(f"{where}.activation={self.activation!r}; allowed: 'gelu', 'swiglu'")
-        if self.impl not in ("auto", "grouped_mm", "loop"):
-            raise ConfigError(f"{where}.impl={self.impl!r}; allowed: 'auto', 'grouped_mm', 'loop'")
-        if self.n_shared < 0 or self.balance_weight < 0 or self.z_loss_weight < 0:
-            raise ConfigError(f"{where}: n_shared, balance_weight and z_loss_weight must be >= 0")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"{where}.impl={self.impl!r}; allowed: {', '.join(map(repr, IMPLS))}")
+        if self.n_shared < 0 or self.balance_weight < 0 or self.z_loss_weight < 0 or self.gather_max < 0:
+            raise ConfigError(f"{where}: n_shared, balance_weight, z_loss_weight and gather_max must be >= 0")
 
     def _mats(self) -> int:
         return 3 if self.activation == "swiglu" else 2
@@ -76,18 +95,7 @@ class MoEConfig(LayerConfig):
         return MoE(self, shape)
 
 
-def switch_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch Transformer balance loss generalised to top-k: ``E * sum_e f_e * P_e``.
-
-    ``f_e`` is the fraction of the T*k assignments that go to expert e, ``P_e`` the mean router
-    probability of e over tokens. Equals 1 for perfectly uniform routing.
-    ``probs: [T, E]``, ``topk_idx: [T, k]``.
-    """
-    counts = torch.bincount(topk_idx.flatten(), minlength=n_experts).to(probs.dtype)
-    f = counts / topk_idx.numel()
-    return n_experts * (f * probs.mean(0)).sum()
-
-
+# ---- routing ---------------------------------------------------------------------------------
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[T, E]`` logits -> ``(probs [T, E], gates [T, k], experts [T, k])`` (fp32 softmax)."""
     probs = router_logits.float().softmax(-1)
@@ -97,16 +105,106 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
     return probs, gates, experts
 
 
-def sort_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``experts [T, k]`` -> ``(order [T*k], token_of [T*k], counts [E])``: assignments sorted
-    by expert; ``token_of`` is the token each sorted assignment belongs to."""
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """``experts [T, k]`` -> assignments per expert ``[E]`` (int64). A scatter-add, not
+    ``torch.bincount``, whose CUDA kernel reads the maximum back to the host."""
     flat = experts.flatten()
-    order = torch.argsort(flat, stable=True)
-    token_of = torch.div(order, experts.shape[1], rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=n_experts)
-    return order, token_of, counts
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def switch_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch Transformer balance loss generalised to top-k: ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the T*k assignments that go to expert e, ``P_e`` the mean router
+    probability of e over tokens. Equals 1 for perfectly uniform routing.
+    ``probs: [T, E]``, ``topk_idx: [T, k]``.
+    """
+    f = expert_counts(topk_idx, n_experts).to(probs.dtype) / topk_idx.numel()
+    return n_experts * (f * probs.mean(0)).sum()
+
+
+class Dispatch(NamedTuple):
+    """The T*k assignments sorted by expert (all ``[N = T*k]`` int64 except ``offs``)."""
+
+    order: torch.Tensor  # sorted position -> flat assignment index (t * k + j)
+    inverse: torch.Tensor  # flat assignment index -> sorted position
+    token_of: torch.Tensor  # sorted position -> token
+    counts: torch.Tensor  # [E] assignments per expert
+    offs: torch.Tensor  # [E] int32 end of each expert's segment (torch._grouped_mm's offs)
+
+
+def dispatch(experts: torch.Tensor, n_experts: int) -> Dispatch:
+    """``experts [T, k]`` -> :class:`Dispatch`, on device: a stable sort, segment ends by
+    ``searchsorted`` over the sorted ids, the inverse permutation by a scatter."""
+    flat = experts.flatten()
+    sorted_ids, order = flat.sort(stable=True)
+    ids = torch.arange(n_experts, device=flat.device, dtype=flat.dtype)
+    offs = torch.searchsorted(sorted_ids, ids, right=True, out_int32=True)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
+    return Dispatch(order, inverse, torch.div(order, experts.shape[1], rounding_mode="floor"), counts, offs)
+
+
+def sort_by_expert(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``experts [T, k]`` -> ``(order [T*k], token_of [T*k], counts [E])`` (see :func:`dispatch`)."""
+    d = dispatch(experts, n_experts)
+    return d.order, d.token_of, d.counts
+
+
+class _Rows(torch.autograd.Function):
+    """``y = x[index]`` whose backward is ``g[back]`` summed over ``group`` consecutive rows.
+
+    Valid when ``index`` maps each output row to one input row and every input row is read by
+    exactly ``group`` consecutive entries of ``back`` (a permutation: group 1; the dispatch of
+    a token to its k experts: group k). A gather both ways: no atomics, deterministic."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, back: torch.Tensor, group: int) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        ctx.group = group
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (back,) = ctx.saved_tensors
+        gx = g.index_select(0, back)
+        if ctx.group > 1:
+            gx = gx.view(-1, ctx.group, g.shape[-1]).sum(1)
+        return gx, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build runs ``torch._grouped_mm`` forward and backward for ``dtype`` on
+    ``device``'s type (probed once per pair with a tiny product; CUDA needs sm80+)."""
+    key = (device.type, dtype)
+    if torch.compiler.is_compiling():  # traced after an eager call has filled the cache
+        return _GROUPED_OK.get(key, hasattr(torch, "_grouped_mm"))
+    if key not in _GROUPED_OK:
+        ok = hasattr(torch, "_grouped_mm") and dtype in (torch.bfloat16, torch.float32, torch.float16)
+        if ok and device.type == "cuda":
+            ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+        elif ok:
+            try:
+                a = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([1, 4], device=device, dtype=torch.int32)
+                torch._grouped_mm(a, w, offs=offs).backward(torch.ones(4, 8, device=device, dtype=dtype))
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
+
+
+# ---- the layer -------------------------------------------------------------------------------
 class MoE(SparseLayer):
     """``[B, S, D] -> [B, S, D]``; expert weights ``w_up/w_gate [E, D, h]``, ``w_down [E, h, D]``."""
 
@@ -118,7 +216,6 @@ class MoE(SparseLayer):
         self.w_up = nn.Parameter(torch.empty(e, d, h))
         self.w_gate = nn.Parameter(torch.empty(e, d, h)) if cfg.activation == "swiglu" else None
         self.w_down = nn.Parameter(torch.empty(e, h, d))
-        self._grouped_failed = False
         self.shared_experts = None
         if cfg.n_shared:
             from ultramem.layers.mlp import MLPConfig  # noqa: PLC0415
@@ -136,63 +233,79 @@ class MoE(SparseLayer):
         if self.shared_experts is not None:
             self.shared_experts.init_weights()
 
-    def _use_grouped(self, x: torch.Tensor) -> bool:
-        ok = hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-        if self.cfg.impl == "grouped_mm" and not ok:
-            raise RuntimeError("moe.impl='grouped_mm' needs CUDA, bf16 and torch._grouped_mm")
-        return ok and self.cfg.impl != "loop"
+    def path_for(self, n_tokens: int, device: torch.device, dtype: torch.dtype) -> str:
+        """The path a forward over ``n_tokens`` tokens takes: "grouped", "gather" or "loop"."""
+        impl = self.cfg.impl
+        if impl == "gather" or (impl == "auto" and n_tokens * self.cfg.top_k <= self.cfg.gather_max):
+            return "gather"
+        if impl == "loop":
+            return "loop"
+        if grouped_mm_available(device, dtype):
+            return "grouped"
+        if impl == "grouped_mm":
+            raise ConfigError(f"moe.impl='grouped_mm' but this torch build has no torch._grouped_mm for "
+                              f"{dtype} on {device.type}; use impl='auto'")
+        warnings.warn(f"MoE: no torch._grouped_mm for {dtype} on {device.type}; using the per-expert loop "
+                      "(synchronises with the host)", stacklevel=3)
+        return "loop"
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """All experts in one ``torch._grouped_mm`` launch per projection."""
-        offs = torch.cumsum(counts, 0).to(torch.int32)
+    def _mlp(self, x: torch.Tensor, w_up: torch.Tensor, w_gate: torch.Tensor | None, w_down: torch.Tensor, mm) -> torch.Tensor:
+        h = mm(x, w_up)
+        h = F.silu(mm(x, w_gate)) * h if w_gate is not None else F.gelu(h)
+        return mm(h, w_down)
 
-        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return torch._grouped_mm(a, w.to(a.dtype), offs=offs)
+    def _weights(self, dtype: torch.dtype, index: torch.Tensor | None = None) -> tuple:
+        """``(w_up, w_gate, w_down)`` in ``dtype``; only the experts in ``index`` when given
+        (gathered first, so only they are cast)."""
+        ws = (self.w_up, self.w_gate, self.w_down)
+        if index is not None:
+            ws = tuple(None if w is None else w.index_select(0, index) for w in ws)
+        return tuple(None if w is None else w.to(dtype) for w in ws)
 
-        h = mm(xs, self.w_up)
-        h = F.silu(mm(xs, self.w_gate)) * h if self.w_gate is not None else F.gelu(h)
-        return mm(h, self.w_down)
+    def _grouped(self, xs: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """``xs [N, D]`` sorted by expert -> ``[N, D]``: one ``torch._grouped_mm`` per projection."""
+        return self._mlp(xs, *self._weights(xs.dtype), lambda a, w: torch._grouped_mm(a, w, offs=d.offs))
 
-    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One matmul per expert over its contiguous segment (a loop over experts, not tokens)."""
-        outs = []
-        for e, seg in enumerate(xs.split(counts.tolist())):
-            if seg.shape[0] == 0:
-                continue
-            h = seg @ self.w_up[e].to(seg.dtype)
-            h = F.silu(seg @ self.w_gate[e].to(seg.dtype)) * h if self.w_gate is not None else F.gelu(h)
-            outs.append(h @ self.w_down[e].to(seg.dtype))
-        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+    def _loop(self, xs: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """Reference: one matmul per expert over its contiguous segment (host sync on counts)."""
+        w_up, w_gate, w_down = self._weights(xs.dtype)
+        outs = [
+            self._mlp(seg, w_up[e], None if w_gate is None else w_gate[e], w_down[e], torch.matmul)
+            for e, seg in enumerate(xs.split(d.counts.tolist()))
+        ]
+        return torch.cat(outs)
 
-    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Apply each expert to its contiguous segment of ``xs [T*k, D]`` (sorted by expert)."""
-        if self._use_grouped(xs) and not self._grouped_failed:
-            try:
-                return self._grouped(xs, counts)
-            except RuntimeError as err:  # shapes/strides this torch build's kernel rejects
-                if self.cfg.impl == "grouped_mm":
-                    raise
-                warnings.warn(f"MoE: torch._grouped_mm failed ({err}); using the per-expert loop", stacklevel=2)
-                self._grouped_failed = True
-        return self._loop(xs, counts)
+    def _gathered(self, flat: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Decode path: ``[T, D]`` -> ``[T, D]`` reading only the selected experts' weights."""
+        t, k = experts.shape
+        ws = self._weights(flat.dtype, experts.flatten())
+        xs = flat.unsqueeze(1).expand(t, k, flat.shape[1]).reshape(t * k, 1, flat.shape[1])
+        ys = self._mlp(xs, *ws, torch.bmm).view(t, k, -1)  # [T, k, D]
+        return (ys * gates.unsqueeze(-1).to(ys.dtype)).sum(1)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [T, D]
+        dtype = _compute_dtype(x, self.w_up)
+        flat = x.reshape(-1, shape[-1]).to(dtype)  # [T, D]
         logits = self.router(flat)
         probs, gates, experts = route(logits, self.cfg.top_k, self.cfg.normalize_top_k)
         if self.training and self.cfg.balance_weight > 0:
             self.add_aux_loss("balance", self.cfg.balance_weight * switch_balance_loss(probs, experts, self.cfg.n_experts))
         if self.training and self.cfg.z_loss_weight > 0:
             self.add_aux_loss("z_loss", self.cfg.z_loss_weight * torch.logsumexp(logits.float(), -1).pow(2).mean())
-        order, token_of, counts = sort_by_expert(experts, self.cfg.n_experts)
-        ys = self._experts(flat[token_of], counts)  # [T*k, D], sorted by expert
-        ys = ys * gates.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token_of, ys.to(flat.dtype))
+        path = self.path_for(flat.shape[0], flat.device, dtype)
+        if path == "gather":
+            out = self._gathered(flat, gates, experts)
+        else:
+            d = dispatch(experts, self.cfg.n_experts)
+            xs = _Rows.apply(flat, d.token_of, d.inverse, self.cfg.top_k)  # [T*k, D] by expert
+            ys = self._grouped(xs, d) if path == "grouped" else self._loop(xs, d)
+            ys = _Rows.apply(ys, d.inverse, d.order, 1).view(*experts.shape, -1)  # [T, k, D]
+            out = (ys * gates.unsqueeze(-1).to(ys.dtype)).sum(1)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         if self.track_metrics:
-            load = counts.float() / counts.sum()
+            load = expert_counts(experts, self.cfg.n_experts).float() / experts.numel()
             self.add_metric("load_max", load.max() * self.cfg.n_experts)
             self.add_metric("router_entropy", -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean())
         return out.view(shape)

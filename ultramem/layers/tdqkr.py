@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.layers.state import LayerState
 from ultramem.ops.key_scores import key_scores
 from ultramem.ops.retrieval import product_key_topk, tucker_topk
 from ultramem.ops.skinny_linear import skinny_linear
@@ -90,7 +91,7 @@ class CausalQueryConv(nn.Module):
     """Depthwise causal conv ``[B, S, D] -> [B, S, D]`` (SPEC §3.11); token t sees only <= t.
 
     Initialised to the identity (weight 1 on the current token), so switching it on does not
-    change the layer at init. Decoding: ``state["conv"]`` keeps the last ``kernel - 1`` inputs.
+    change the layer at init. Decoding: ``state.window`` keeps the last ``kernel - 1`` inputs.
     """
 
     def __init__(self, dim: int, kernel: int) -> None:
@@ -103,17 +104,26 @@ class CausalQueryConv(nn.Module):
         self.weight.zero_()
         self.weight[:, 0, -1] = 1.0
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState:
+        """A zeroed rolling window ``[batch, D, kernel - 1]`` for decoding."""
+        return LayerState(torch.zeros(batch, self.weight.shape[0], self.kernel - 1, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
         xt = x.transpose(1, 2)  # [B, D, S]
         pad = self.kernel - 1
-        if state is None:
+        if state is None or state.window is None:
+            if state is not None:
+                raise ValueError("CausalQueryConv: decode state has no window; build it with new_state()")
             xin = F.pad(xt, (pad, 0))
         else:
-            prev = state.get("conv")
-            if prev is None:
-                prev = xt.new_zeros(xt.shape[0], xt.shape[1], pad)
-            xin = torch.cat([prev.to(xt.dtype), xt], dim=-1)
-            state["conv"] = xin[..., xin.shape[-1] - pad :].detach()
+            xin = torch.cat([state.window.to(xt.dtype), xt], dim=-1)  # [B, D, pad + S]
+            if pad:
+                # The new window ends at each sequence's last valid token (right-padded input);
+                # a gather, not a Python slice, so ragged lengths need no host sync.
+                valid = xt.shape[-1] if state.lengths is None else state.lengths.view(-1, 1, 1)
+                idx = torch.arange(pad, device=x.device).view(1, 1, pad) + valid
+                idx = idx.expand(xin.shape[0], xin.shape[1], pad)
+                state.window.copy_(xin.gather(-1, idx).detach())
         y = F.conv1d(xin, self.weight.to(x.dtype), groups=xt.shape[1])
         return y.transpose(1, 2)
 

@@ -1,4 +1,10 @@
-"""Causal self-attention with RoPE, grouped-query heads and an optional KV cache (SPEC §1)."""
+"""Causal self-attention with RoPE, grouped-query heads and a preallocated KV cache (SPEC §1).
+
+Without a cache, the forward is the training one: causal SDPA over ``[B, S]``. With a
+:class:`~ultramem.model.decode_state.KVCache`, each sequence's tokens are written at its own
+``positions [B, S]`` and attend to cache positions ``<= position`` (a mask, not ``is_causal``),
+so ragged batches, chunked prefill and one-token steps are one code path.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ultramem.model.decode_state import KVCache
 
 
 class Rotary(nn.Module):
@@ -33,15 +41,20 @@ class Rotary(nn.Module):
         """Recompute the (unsaved) tables, e.g. after loading into a model built on meta."""
         self.reset_parameters()
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """``x: [B, H, S, hd]`` -> rotated (half-split convention)."""
+    def forward(self, x: torch.Tensor, start: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``x: [B, H, S, hd]`` -> rotated (half-split convention), at positions ``start + [0, S)``
+        or, if given, per sequence at ``positions [B, S]`` (callers keep them < max_seq_len)."""
         s = x.shape[-2]
-        if start + s > self.max_seq_len:
-            raise ValueError(
-                f"sequence position {start + s} exceeds model.max_seq_len={self.max_seq_len}"
-            )
-        cos = self.cos[start : start + s].to(x.dtype)
-        sin = self.sin[start : start + s].to(x.dtype)
+        if positions is not None:
+            cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, S, hd/2]
+            sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        else:
+            if start + s > self.max_seq_len:
+                raise ValueError(
+                    f"sequence position {start + s} exceeds model.max_seq_len={self.max_seq_len}"
+                )
+            cos = self.cos[start : start + s].to(x.dtype)
+            sin = self.sin[start : start + s].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -65,25 +78,36 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=std)
         nn.init.normal_(self.o_proj.weight, std=std / math.sqrt(2 * n_layers))
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
+        """``x [B, S, D]``; with ``cache``: ``positions [B, S]`` where this call's tokens go and
+        ``kv_len`` how many cache positions to read (default all)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        start = 0 if state is None else state.get("pos", 0)
-        q, k = self.rotary(q, start), self.rotary(k, start)
-        if state is not None:
-            if "k" in state:
-                k = torch.cat([state["k"], k], dim=2)
-                v = torch.cat([state["v"], v], dim=2)
-            state["k"], state["v"], state["pos"] = k, v, start + s
-        causal = state is None or s > 1
-        if state is not None and s > 1 and start > 0:
-            raise NotImplementedError("chunked prefill after a prefix is not supported; decode one token at a time")
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if cache is None:
+            q, k = self.rotary(q, 0), self.rotary(k, 0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        else:
+            q, k = self.rotary(q, 0, positions), self.rotary(k, 0, positions)
+            cache.write(k, v, positions)
+            y = self._cached(q, cache, positions, kv_len or cache.k.shape[2])
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def _cached(self, q: torch.Tensor, cache: KVCache, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """``q [B, H, S, hd]`` against the cache's first ``kv_len`` positions, key ``j`` visible to
+        query ``(b, i)`` iff ``j <= positions[b, i]``. Grouped-query heads fold into the query
+        length (``[B, H_kv, G*S, hd]``), so the cache is read once, never repeated per group."""
+        b, h, s, d = q.shape
+        g = h // self.n_kv_heads
+        keys, values = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
+        mask = torch.arange(kv_len, device=q.device).view(1, 1, 1, kv_len) <= positions.view(b, 1, s, 1)
+        if g > 1:
+            mask = mask.repeat(1, 1, g, 1)
+        y = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, g * s, d), keys.to(q.dtype),
+                                           values.to(q.dtype), attn_mask=mask)
+        return y.view(b, h, s, d)

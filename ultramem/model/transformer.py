@@ -25,6 +25,7 @@ from ultramem.config import ModelConfig
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import ShapeContext
 from ultramem.model.attention import Attention, Rotary
+from ultramem.model.decode_state import DecodeState
 from ultramem.model.placement import Span, parse_placement
 
 
@@ -59,7 +60,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder LM. ``forward(idx [B, S], targets [B, S] | None, state | None) -> ModelOutput``."""
+    """Decoder LM. ``forward(idx [B, S], targets [B, S] | None, state: DecodeState | None) -> ModelOutput``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -127,21 +128,41 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        state: dict | None = None,
+        state: DecodeState | None = None,
+        lengths: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> ModelOutput:
-        """``idx [B, S]`` token ids. ``state``: a dict this method fills for decoding (KV cache
-        and per-layer states); pass the same dict back with the next token(s)."""
+        """``idx [B, S]`` token ids. ``state``: a :class:`DecodeState` (``DecodeState.allocate``)
+        the call reads and writes in place: the tokens go at ``state.pos + [0, S)`` and
+        ``state.pos`` then advances by ``lengths [B]`` (right-padded ragged input: sequence ``b``
+        has ``lengths[b]`` valid tokens; default ``S``). ``last_only``: logits ``[B, 1, V]`` of
+        each sequence's last valid token only (prefill without the ``[B, S, V]`` tensor)."""
         x = self.embed_tokens(idx)
-        pending: dict[int, list[torch.Tensor]] = {}
+        s = idx.shape[1]
+        positions, kv_len = state.begin(s, lengths) if state is not None else (None, None)
+        pending: dict[int, list] = {}
         for block in self.blocks:
             i = block.index
-            x = x + block.drop(block.attn(block.input_layernorm(x), _sub(state, f"attn{i}")))
+            cache = state.kv[i - 1] if state is not None else None
+            x = x + block.drop(block.attn(block.input_layernorm(x), cache, positions, kv_len))
             h = block.post_attention_layernorm(x)
-            out = block.ffn(h, _sub(state, f"ffn{i}")) if block.ffn is not None else None
-            for n in self._reads[i]:
-                pending.setdefault(self.spans[n].dst, []).append(self.memory[n](h, _sub(state, f"mem{n}")))
-            for y in ([out] if out is not None else []) + pending.pop(i, []):
+            for n in self._reads[i]:  # launched before the FFN: with overlap they run beside it
+                mem = self.memory[n]
+                if state is None:
+                    pending.setdefault(self.spans[n].dst, []).append(mem(h))
+                else:
+                    fn = lambda t, mem=mem, st=state.memory[n]: mem(t, st)  # noqa: E731
+                    pending.setdefault(self.spans[n].dst, []).append(state.run_memory(fn, h))
+            out = block.ffn(h, state.ffn[i - 1] if state is not None else None) if block.ffn is not None else None
+            ys = [out] if out is not None else []
+            ys += [y if state is None else state.join(y) for y in pending.pop(i, [])]
+            for y in ys:
                 x = x + block.drop(y)
+        if state is not None:
+            state.end(s, lengths)
+        if last_only:
+            last = (lengths - 1 if lengths is not None else torch.full_like(idx[:, 0], s - 1)).clamp_min(0)
+            x = x.gather(1, last.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         x = self.norm(x)
         logits = F.linear(x, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
         return self._output(logits, targets)
@@ -182,10 +203,6 @@ class Transformer(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
-
-
-def _sub(state: dict | None, key: str) -> dict | None:
-    return None if state is None else state.setdefault(key, {})
 
 
 def init_std_default(d_model: int) -> float:

@@ -148,3 +148,24 @@ register_preset("tiny-pkm", "tiny PKM (64^2 values, parallel to block 2's MLP) f
 register_preset("tiny-memory-plus", "tiny Memory+ (shared 64^2-value table, 2 layers) for CPU", tags=("tiny", "memory_plus"))(
     lambda: tiny_config(memory=MemoryPlusConfig(placement="2:2/3:3", n_keys=64, key_dim=64, heads=2, topk=8))
 )
+
+
+# ---- dense models of the OLMoE families' active FLOPs (decode benchmark baselines) -----------
+def _dense_like(d: int, blocks: int, heads: int, hidden: int, tie: bool) -> ModelConfig:
+    """The OLMoE host with one dense SwiGLU MLP whose width matches the family's active FLOPs."""
+    return olmoe_model(d, blocks, heads, 0, tie, ffn=MLPConfig(hidden=hidden, activation="swiglu",
+                                                                init_std=(2 / (5 * d)) ** 0.5))
+
+
+@register_preset("dense-227m", "Dense host of the 227M/1.2B family: SwiGLU width 3096 = OLMoE-227M's active FLOPs",
+                 tags=("dense", "v2"))
+def dense_227m() -> Config:
+    return Config(model=_dense_like(768, 20, 12, 3096, tie=True), train=TrainConfig(lr=4e-4, batch_size=768),
+                  data=DataConfig(seq_len=4096))
+
+
+@register_preset("dense-1b", "Dense host of the 1B/7B family: SwiGLU width 8216 = OLMoE-1B/7B's active FLOPs",
+                 tags=("dense", "v2"))
+def dense_1b() -> Config:
+    return Config(model=_dense_like(2048, 16, 16, 8216, tie=False), train=TrainConfig(lr=4e-4, batch_size=1024),
+                  data=DataConfig(seq_len=4096))

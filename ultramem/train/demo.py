@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nloss curves: {out / 'compare.png'}; runs in {out}/<preset>/")
         loaded = load_run(out / rows[0][0], "cpu")
         tok = loaded.tokenizer
-        new = generate(loaded.model, tok.encode(PROMPT), 80, temperature=0.8, top_k=40, seed=0, eot_id=tok.eot_id)
+        new = generate(loaded.model, [tok.encode(PROMPT)], 80, temperature=0.8, top_k=40, seed=0,
+                       stop=[tok.eot_id]).ids[0]
         print(f"\nsample from {rows[0][0]}:\n{PROMPT}{tok.decode(new)}")
     return 0
