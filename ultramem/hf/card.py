@@ -78,8 +78,8 @@ tags: [ultramem, memory-layer, {layer}]
 
 # {repo_name}
 
-A `{layer}` language model trained with [ultramem](https://pypi.org/project/ultramem/) and
-exported with `ultramem export`. Parameters, active parameters and FLOPs follow ultramem's
+A language model with `{layer}` layers, trained with [ultramem](https://pypi.org/project/ultramem/)
+and exported with `ultramem export`. Parameters, active parameters and FLOPs follow ultramem's
 accounting (no embeddings; FLOPs = 2 x multiply-accumulates of one token's forward pass).
 
 | | |
