@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ultramem
+from ultramem import checkpoint as ckpt
 from ultramem.cli import main
 from ultramem.data.tokenizer import Tokenizer, default_tokenizer_path
 from ultramem.errors import ConfigError
@@ -14,7 +15,6 @@ from ultramem.inference.engine import Engine
 from ultramem.inference.sampling import Sampling, sample
 from ultramem.model.transformer import Transformer
 from ultramem.presets import get_preset
-from ultramem.train import checkpoint as ckpt
 
 TINY = ["tiny-dense", "tiny-moe", "tiny-pkm", "tiny-memory-plus", "tiny-ultramem", "tiny-ultramem-v2"]
 
