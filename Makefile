@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,triton]"
+	$(BIN)/python -m pip install -q -e ".[test,triton,train,hf,eval]"
 	touch $(STAMP)
 
 # Trains tiny-ultramem and tiny-dense on the bundled corpus on CPU (offline), prints a comparison.

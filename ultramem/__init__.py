@@ -7,6 +7,12 @@ from ultramem.resolve import load_config
 __version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "ModelConfig", "generate", "load_config", "__version__"]
 
+# AutoConfig / AutoModelForCausalLM learn model_type "ultramem" once transformers is imported
+# (transformers is not imported here; see ultramem.hf.hook)
+from ultramem.hf import hook as _hf_hook  # noqa: E402
+
+_hf_hook.install()
+
 
 def __getattr__(name: str):
     if name == "generate":  # lazy: the inference engine is not needed to configure or train

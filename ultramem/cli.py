@@ -16,6 +16,7 @@ import argparse
 import importlib
 import sys
 
+from ultramem import __version__
 from ultramem.cli_args import Parser
 from ultramem.errors import UltramemError
 
@@ -29,11 +30,13 @@ COMMANDS = (
     "ultramem.inference.bench",
     "ultramem.train.demo",
     "ultramem.experiment",
+    "ultramem.hf.export",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ultramem", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ultramem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for mod in COMMANDS:
         importlib.import_module(mod).register(sub)

@@ -14,14 +14,25 @@ import hashlib
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ultramem.data.corpus import EOT
 from ultramem.errors import DataError
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
+
 DEFAULT_VOCAB = 8192
+
+
+def _tokenizers() -> ModuleType:
+    """The ``tokenizers`` package, imported on first use (not a core dependency of ultramem)."""
+    try:
+        import tokenizers  # noqa: PLC0415
+    except ImportError:
+        raise DataError("tokenizing needs the 'tokenizers' package: pip install 'ultramem[train]'") from None
+    return tokenizers
 
 
 def default_tokenizer_path() -> Path:
@@ -35,7 +46,7 @@ class Tokenizer:
         self.path = Path(path) if path is not None else default_tokenizer_path()
         if not self.path.is_file():
             raise DataError(f"{self.path}: tokenizer file not found")
-        self.hf = HFTokenizer.from_file(str(self.path))
+        self.hf = _tokenizers().Tokenizer.from_file(str(self.path))
         eot = self.hf.token_to_id(EOT)
         if eot is None:
             raise DataError(f"{self.path}: tokenizer has no {EOT!r} token")
@@ -61,7 +72,9 @@ class Tokenizer:
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -> HFTokenizer:
     """Byte-level BPE: GPT-2 pre-tokenisation (regex split, byte alphabet), ``<|endoftext|>``
     as id 0, all 256 bytes in the initial alphabet."""
-    tok = HFTokenizer(models.BPE())
+    tk = _tokenizers()
+    decoders, pre_tokenizers, trainers = tk.decoders, tk.pre_tokenizers, tk.trainers
+    tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -25,13 +25,14 @@ from ultramem.data.index import INDEX, check_vocab, load_index, verify_shards
 from ultramem.data.loader import TokenBatches
 from ultramem.data.prepare import prepare_documents
 from ultramem.errors import CheckpointError, DataError
+from ultramem.eval import harness
 from ultramem.eval.loss import bits_per_byte, evaluate_loss
 from ultramem.inference.load import load_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss and bits per byte of a run")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help="run directory (with --tasks: or an exported directory)")
     p.add_argument("--data", help="prepared dataset dir or a .txt/.jsonl file (default: the run's data)")
     p.add_argument("--split", default="val", help="split of a prepared dataset (default: val)")
     p.add_argument("--max-batches", type=positive_int, default=None, help="at most N batches (default: all)")
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoding", default="utf-8", help="encoding of a --data text file (default: utf-8)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    harness.add_arguments(p)  # --tasks: lm-evaluation-harness (ultramem.eval.harness)
     p.set_defaults(func=run)
 
 
@@ -81,6 +83,8 @@ def evaluate_run(run_dir: str, data: str | None = None, split: str = "val", max_
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return harness.run(args)
     res = evaluate_run(args.run, args.data, args.split, args.max_batches, args.batch_size, args.device,
                        args.encoding)
     if args.json:

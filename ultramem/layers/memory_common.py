@@ -134,6 +134,10 @@ class CoverageTracker(nn.Module):
         self.hits.zero_()
         self.calls = 0
 
+    def init_buffers(self) -> None:
+        """The unsaved counters, e.g. after loading into a model built on meta."""
+        self.reset()
+
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> float:
         """Mark ``rows`` (any shape, ints in ``[0, rows)``); return the window's coverage so far."""

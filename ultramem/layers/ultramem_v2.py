@@ -253,12 +253,17 @@ class UltraMemV2(RetrievalLayer):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=std)
         self.coverage.reset()
-        self.ring_offset.fill_(ring_start(self.mem_index, self.rows, self.window, cfg.ring))
+        self.init_buffers()
         if self.perm is not None:
             self.perm.copy_(torch.randperm(self.perm.numel()).to(self.perm.device, torch.int32))
         if cfg.init == "principled":
             _, rel_var = calibrate_gains(self.retrieval, cfg.calib_samples)
             self.pool.score_rel_vars[self.mem_index] = rel_var
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The unsaved window offset (§4.4), e.g. after loading into a model built on meta."""
+        self.ring_offset.fill_(ring_start(self.mem_index, self.rows, self.window, self.cfg.ring))
 
     def param_group_hints(self) -> list[ParamGroupHint]:
         return [self.pool.param_group_hint()] if self.mem_index == 0 else []  # the pool once

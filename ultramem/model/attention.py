@@ -37,6 +37,10 @@ class Rotary(nn.Module):
         self.cos.copy_(freqs.cos())
         self.sin.copy_(freqs.sin())
 
+    def init_buffers(self) -> None:
+        """Recompute the (unsaved) tables, e.g. after loading into a model built on meta."""
+        self.reset_parameters()
+
     def forward(self, x: torch.Tensor, start: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``x: [B, H, S, hd]`` -> rotated (half-split convention), at positions ``start + [0, S)``
         or, if given, per sequence at ``positions [B, S]`` (callers keep them < max_seq_len)."""
