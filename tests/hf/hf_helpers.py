@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ultramem.checkpoint import save_checkpoint
-from ultramem.config import load_config
 from ultramem.data.tokenizer import default_tokenizer_path
 from ultramem.model.transformer import Transformer
+from ultramem.resolve import load_config
 
 PRESETS = ("tiny-dense", "tiny-moe", "tiny-pkm", "tiny-memory-plus", "tiny-ultramem", "tiny-ultramem-v2")
 
