@@ -137,7 +137,7 @@ def bench_retrieval(rows_b, heads, n, r, hc, k, m, graph) -> None:
 
 # ---- whole layer, composed from the ops ----------------------------------------------------
 class ComposedLayer:
-    """UltraMem (v1) layer from the ops, as ``ultramem.layers`` composes it (SPEC §3): query
+    """UltraMem (v1) layer from the ops, as ``ultramem.layers`` composes it (math.md §3): query
     projection (``skinny_linear``), query LayerNorm + TDQKR key scores (``key_scores``),
     ``tucker_topk``, IVE address map, ``lookup_reduce``, output projection. Shared query, 2
     heads. ``impl="torch"``: every op's reference (``F.linear``, ``F.layer_norm`` + one matmul

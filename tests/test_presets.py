@@ -1,4 +1,4 @@
-"""Preset sizes reproduce the published tables (SPEC §6) and built models match the accounting."""
+"""Preset sizes reproduce the published tables (math.md §6) and built models match the accounting."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Parameters, active parameters and FLOPs per token from a config, without building weights.
 
-Rules (SPEC §1): parameters exclude token embeddings and the LM head; FLOPs per token are
+Rules (math.md §1): parameters exclude token embeddings and the LM head; FLOPs per token are
 2 x the multiply-accumulates of one token's forward pass, excluding attention scores
 (``QK^T``, ``AV``) and embeddings/LM head. Norm parameters are counted (so the built model's
 count equals this one exactly) but norms cost no FLOPs here.

@@ -34,7 +34,7 @@ from ultramem.placement import Wiring, plan_wiring
 
 @dataclass
 class ModelConfig:
-    """Host transformer (SPEC §1). Sizes follow the UltraMem paper's naming."""
+    """Host transformer (math.md §1). Sizes follow the UltraMem paper's naming."""
 
     vocab_size: int = 50432
     d_model: int = 1024
@@ -49,7 +49,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     ffn: LayerConfig = field(default_factory=MLPConfig)  # the per-block feed-forward part
-    memory: MemoryLayerConfig | None = None  # memory layers wired by memory.placement (SPEC §1)
+    memory: MemoryLayerConfig | None = None  # memory layers wired by memory.placement (math.md §1)
 
     @property
     def head_dim(self) -> int:
@@ -113,7 +113,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule and loop (see :mod:`ultramem.train`; SPEC §6 recipe)."""
+    """Optimiser, schedule and loop (see :mod:`ultramem.train`; math.md §6 recipe)."""
 
     max_steps: int = 200  # optimiser steps
     batch_size: int = 16  # sequences per micro-batch per process

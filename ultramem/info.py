@@ -36,7 +36,7 @@ def _rel(value: float, ref: float | None) -> str:
 
 
 def preset_table() -> str:
-    """Markdown: every preset's computed sizes beside the published ones (SPEC §6)."""
+    """Markdown: every preset's computed sizes beside the published ones (math.md §6)."""
     head = ("| preset | params | active | GFLOPs/token | published params | Δ | published GFLOPs | Δ | note |\n"
             "|---|---|---|---|---|---|---|---|---|")
     rows = [head]

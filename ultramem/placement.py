@@ -1,4 +1,4 @@
-"""Memory-layer placement strings and the model's wiring plan (SPEC §1).
+"""Memory-layer placement strings and the model's wiring plan (math.md §1).
 
 ``"3:5/6:8/9:11"``: memory layer ``i:j`` reads block i's normalised FFN input and adds its output
 to the residual stream after block j. Blocks are numbered **1..L** (the paper's convention:

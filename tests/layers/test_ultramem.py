@@ -1,4 +1,4 @@
-"""UltraMem (v1) layer: every SPEC §3 mechanism checked against its definition."""
+"""UltraMem (v1) layer: every math.md §3 mechanism checked against its definition."""
 
 import dataclasses
 import math
@@ -30,7 +30,7 @@ def build(shape=SHAPE, seed=0, **kw):
     return layer
 
 
-# ---- TDQKR (SPEC §3.7) ---------------------------------------------------------------------
+# ---- TDQKR (math.md §3.7) ---------------------------------------------------------------------
 def _tucker_case(cores: torch.Tensor, s_row: torch.Tensor, s_col: torch.Tensor, k: int, m: int):
     tc = TuckerCores(cores.shape[0], cores.shape[1])
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_tdqkr_rank1_core_with_positive_phase1_scores_is_exact():
 
 
 def test_tdqkr_general_core_recall_against_brute_force():
-    """A general core is an approximation (SPEC §3.7). With a core whose second singular value
+    """A general core is an approximation (math.md §3.7). With a core whose second singular value
     is at the aux-loss margin (sigma_2 / sigma_1 = 0.15) and Gaussian scores, the rank-1 phase 1
     keeps the largest positive factors; the top-m products of two large negative factors are
     lost, so about half of the exact top-m may be missed. Floors: recall >= 0.4 for such a core,
@@ -128,7 +128,7 @@ def test_aux_loss_zero_for_rank1_positive_above_margin_and_reaches_cores():
     assert layer.pop_aux()[0] == {}
 
 
-# ---- IVE (SPEC §3.6) -----------------------------------------------------------------------
+# ---- IVE (math.md §3.6) -----------------------------------------------------------------------
 def test_ive_equals_materialised_virtual_table():
     layer = build(expansion=4, tucker_rank=0, cores=1, value_dim=8)
     e, dv, d, dv2 = 4, 8, 32, 12
@@ -166,7 +166,7 @@ def test_permutation_is_saved_and_seeded():
     assert torch.equal(c.perm, a.perm) and torch.allclose(a(x), c(x))
 
 
-# ---- MCS (SPEC §3.8) -----------------------------------------------------------------------
+# ---- MCS (math.md §3.8) -----------------------------------------------------------------------
 def test_multi_core_scoring_equals_per_core_formula():
     layer = build(expansion=1, tucker_rank=2, cores=2, value_dim=16, per_rank_query=True)
     d = 32
@@ -190,7 +190,7 @@ def test_multi_core_scoring_equals_per_core_formula():
     assert torch.allclose(y.reshape(6, d), out @ layer.out_proj.weight.T, atol=1e-4)
 
 
-# ---- init (SPEC §3.9) ----------------------------------------------------------------------
+# ---- init (math.md §3.9) ----------------------------------------------------------------------
 @pytest.mark.parametrize("kw", [dict(), dict(tucker_rank=0, cores=1), dict(expansion=1, heads=4)])
 def test_improved_init_mean_score_and_output_std(kw):
     shape = ShapeContext(d_model=64, n_layers=6, n_mem_layers=1)
@@ -219,7 +219,7 @@ def test_value_lr_multiplier_schedule_and_hint():
     assert hint.lr_multiplier(0, 100) == pytest.approx(10.0)
 
 
-# ---- query conv (SPEC §3.11), causality, determinism -----------------------------------------
+# ---- query conv (math.md §3.11), causality, determinism -----------------------------------------
 def test_query_conv_causal_and_decode_state_matches_full():
     layer = build(query_conv=3)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""UltraMemV2 layer (SPEC §4): PEER-style values, ring sharing of one pool, principled init."""
+"""UltraMemV2 layer (math.md §4): PEER-style values, ring sharing of one pool, principled init."""
 
 import math
 
@@ -81,7 +81,7 @@ def test_layers_draw_from_one_pool_within_their_window():
 
 
 def test_forward_equals_peer_formula():
-    """y = W_o sum_j phi(<W_pre x, U[rho_j]>) s_j^(c) V[rho_j][slice c] (SPEC §4.2)."""
+    """y = W_o sum_j phi(<W_pre x, U[rho_j]>) s_j^(c) V[rho_j][slice c] (math.md §4.2)."""
     for activation in ("identity", "gelu"):
         cfg, pool, layers = build_all(n_mem=2, activation=activation, cores=2, heads=2)
         layer = layers[1]
@@ -173,7 +173,7 @@ def test_bad_configs_raise(kw, field):
 
 
 def test_value_std_formula_matches_paper_when_ffn_variance_is_papers():
-    """sigma_V^4 = 0.2 k D / (m H (1 + s^2) D_p D_v L) when sigma_ffn^2 = 0.064 k / (2L) (SPEC §4.5)."""
+    """sigma_V^4 = 0.2 k D / (m H (1 + s^2) D_p D_v L) when sigma_ffn^2 = 0.064 k / (2L) (math.md §4.5)."""
     d, n_layers, hidden = 768, 20, 2496
     cfg = UltraMemV2Config(knum=8, key_dim=16, topk=32, heads=1, value_dim=192, pre_value_dim=192)
     shape = ShapeContext(d_model=d, n_layers=n_layers, n_mem_layers=20, ffn_hidden=hidden, ffn_gated=True)
@@ -185,7 +185,7 @@ def test_value_std_formula_matches_paper_when_ffn_variance_is_papers():
 
 
 def test_pre_value_query_reads_the_block_input_not_the_query_conv(monkeypatch):
-    """SPEC §4.2: a_j = phi(<W_pre x, U[rho_j]>); the query conv feeds only the retrieval."""
+    """math.md §4.2: a_j = phi(<W_pre x, U[rho_j]>); the query conv feeds only the retrieval."""
     import ultramem.layers.ultramem_v2 as v2
 
     _, _, layers = build_all(n_mem=2, query_conv=3, seed=5)

@@ -90,7 +90,7 @@ def test_param_groups_value_lr_rule_and_coverage():
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
     um, pkm = groups["ultramem_values"], groups["pkm_values"]
     assert um["weight_decay"] == 0 and pkm["weight_decay"] == 0 and groups["decay"]["weight_decay"] == 0.1
-    assert um["lr"] == pytest.approx(1e-2)  # x value_lr_mult 10 at step 0 (SPEC §3.10)
+    assert um["lr"] == pytest.approx(1e-2)  # x value_lr_mult 10 at step 0 (math.md §3.10)
     opt = torch.optim.AdamW(list(groups.values()))
     set_lr(opt, step=100, total_steps=100, schedule=0.5)
     by_name = {g["name"]: g for g in opt.param_groups}
@@ -100,7 +100,7 @@ def test_param_groups_value_lr_rule_and_coverage():
 
 
 def test_aux_loss_collected_once_and_tucker_refresh():
-    layer = _small(UltraMem).train()  # aux_alpha 0.001 by default (SPEC §3.7)
+    layer = _small(UltraMem).train()  # aux_alpha 0.001 by default (math.md §3.7)
     model = torch.nn.Sequential(layer)
     layer(torch.randn(2, 4, 32))
     loss = aux_loss(model)

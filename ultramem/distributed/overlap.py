@@ -2,7 +2,7 @@
 communication with blocks ``i+1..j`` (docs/distributed.md §4).
 
 The host model computes a span's memory output from block i's normalised FFN input and adds
-it at block j (SPEC §1). :func:`overlap_memory` wraps each memory layer's ``forward`` so that it
+it at block j (math.md §1). :func:`overlap_memory` wraps each memory layer's ``forward`` so that it
 is enqueued on a side stream (after the default stream's pending work, which produced its
 input) and records an event; a forward hook on block j (``model.blocks[j - 1]``, run after
 block j's compute, before the host adds the span's output) makes the default stream wait for

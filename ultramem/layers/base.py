@@ -20,12 +20,12 @@ Hooks
 -----
 ``init_weights()`` (re)initialises the layer (called after materialising from the meta
 device); ``after_optimizer_step(step)`` runs once per optimiser step (e.g. the Tucker
-rank-1 refresh, SPEC §3.7).
+rank-1 refresh, math.md §3.7).
 
 Decode state
 ------------
 ``state`` is the layer's :class:`~ultramem.layers.state.LayerState` for step-by-step decoding
-(e.g. the query convolution's rolling window, SPEC §3.11), made once by ``new_state`` and
+(e.g. the query convolution's rolling window, math.md §3.11), made once by ``new_state`` and
 updated in place; ``None`` means a full-sequence forward. Layers that carry nothing between
 decode calls keep the default ``new_state`` (``None``).
 """
@@ -45,7 +45,7 @@ from ultramem.layers.state import LayerState
 class ParamGroupHint:
     """A set of parameters that needs its own optimiser group.
 
-    ``lr_multiplier(step, total_steps)`` scales the scheduled LR (SPEC §3.10); ``lr`` (if set)
+    ``lr_multiplier(step, total_steps)`` scales the scheduled LR (math.md §3.10); ``lr`` (if set)
     replaces the base LR (PKM/Memory+: constant value LR 1e-3).
     """
 

@@ -1,5 +1,5 @@
 """Pieces shared by the UltraMem and UltraMemV2 configs and modules: validation of the
-retrieval fields, the value-LR multiplier schedule (SPEC §3.10), the coverage metric and the
+retrieval fields, the value-LR multiplier schedule (math.md §3.10), the coverage metric and the
 layers' common front half (:class:`RetrievalLayer`)."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ IMPLS = ("auto", "torch", "triton")
 
 
 class RetrievalLayer(SparseLayer):
-    """Base of UltraMem and UltraMemV2: the optional causal query conv (SPEC §3.11) feeding the
-    retrieval, and the Tucker singular-value aux loss (SPEC §3.7). Subclasses set
+    """Base of UltraMem and UltraMemV2: the optional causal query conv (math.md §3.11) feeding the
+    retrieval, and the Tucker singular-value aux loss (math.md §3.7). Subclasses set
     ``self.query_conv`` (or None), ``self.retrieval`` and ``self.cfg`` (``aux_alpha``, ``aux_tau``)."""
 
     # The value-table op, called as ``self.lookup(...)`` with ``lookup_reduce``'s arguments: the
@@ -58,7 +58,7 @@ class RetrievalLayer(SparseLayer):
 
 
 def value_lr_multiplier(mult: float, decay_frac: float) -> Callable[[int, int], float]:
-    """``M(t) = 1 + (M - 1) * max(0, 1 - t / T_d)`` with ``T_d = decay_frac * total`` (SPEC §3.10),
+    """``M(t) = 1 + (M - 1) * max(0, 1 - t / T_d)`` with ``T_d = decay_frac * total`` (math.md §3.10),
     applied on top of the normal warmup + cosine schedule."""
 
     def fn(step: int, total_steps: int) -> float:

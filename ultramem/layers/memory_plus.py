@@ -1,4 +1,4 @@
-"""Memory+ (Memory Layers at Scale; SPEC §5): product keys, multi-head, softmax over the top-m,
+"""Memory+ (Memory Layers at Scale; math.md §5): product keys, multi-head, softmax over the top-m,
 SiLU gate ``y = W_o((sum_j w_j V[idx_j]) * SiLU(W_s x))``, one value table shared by all memory
 layers of the model (built once in ``build_shared``), constant value LR 1e-3.
 """

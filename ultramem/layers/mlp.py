@@ -1,4 +1,4 @@
-"""Dense feed-forward block (SPEC §1): GELU (paper) or SwiGLU."""
+"""Dense feed-forward block (math.md §1): GELU (paper) or SwiGLU."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class MoEConfig(LayerConfig):
     activation: str = "gelu"  # "gelu" | "swiglu"
     n_shared: int = 0  # shared experts every token uses
     shared_hidden: int = 0  # inner dim of each shared expert (0: same as hidden)
-    balance_weight: float = 0.01  # Switch balance loss weight (SPEC §5 / §6: 0.01)
+    balance_weight: float = 0.01  # Switch balance loss weight (math.md §5 / §6: 0.01)
     z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE); 0 = off
     normalize_top_k: bool = False  # renormalise the k gate probabilities to sum to 1
     init_std: float = 0.02
@@ -83,7 +83,7 @@ class MoEConfig(LayerConfig):
             raise ConfigError(f"{where}: n_shared, balance_weight, z_loss_weight and gather_max must be >= 0")
 
     def ffn_shape(self) -> tuple[int, bool]:
-        return self.hidden, self.activation == "swiglu"  # each expert's width (SPEC §4.5 init)
+        return self.hidden, self.activation == "swiglu"  # each expert's width (math.md §4.5 init)
 
     def _mats(self) -> int:
         return 3 if self.activation == "swiglu" else 2

@@ -1,4 +1,4 @@
-"""Product-key memory (Lample et al. 2019; SPEC §2): multi-head, query normalisation,
+"""Product-key memory (Lample et al. 2019; math.md §2): multi-head, query normalisation,
 softmax over the top-m scores, ``D_v = D`` by default. Replaces the MLP of its block
 (``replace_ffn=true``) or runs parallel to it (the stronger ablation baseline).
 """

@@ -1,4 +1,4 @@
-"""Product-key retrieval module shared by PKM and Memory+ (SPEC §2).
+"""Product-key retrieval module shared by PKM and Memory+ (math.md §2).
 
 ``q = norm(W_q x)`` split per head into ``q_row, q_col in R^K``; ``s_row = K_row q_row``,
 ``s_col = K_col q_col`` over N keys per side; phase-1 top-k per side, k x k grid of sums,

@@ -1,6 +1,6 @@
 """Layer configs and the registry that maps a ``type`` name to a config class.
 
-Every sparse part of a block (SPEC §1: ``mlp``, ``moe``, ``pkm``, ``memory_plus``, ``ultramem``,
+Every sparse part of a block (math.md §1: ``mlp``, ``moe``, ``pkm``, ``memory_plus``, ``ultramem``,
 ``ultramem_v2``) is a :class:`LayerConfig` subclass decorated with :func:`register_layer`. The
 model never branches on type names: it calls ``cfg.build(ctx)`` and the accounting calls
 ``cfg.num_params(shape)`` etc. Adding a layer type touches no model code.
@@ -8,7 +8,7 @@ model never branches on type names: it calls ``cfg.build(ctx)`` and the accounti
 Two roles, one base class each:
 - :class:`LayerConfig` (role ``"ffn"``): the per-block feed-forward (``model.ffn``), one per block.
 - :class:`MemoryLayerConfig` (role ``"memory"``): memory layers (``model.memory``), which own
-  ``placement`` and ``replace_ffn`` (SPEC §1; wired by :func:`ultramem.placement.plan_wiring`).
+  ``placement`` and ``replace_ffn`` (math.md §1; wired by :func:`ultramem.placement.plan_wiring`).
 
 This module sits at the bottom of the import graph (it imports only :mod:`ultramem.errors`):
 layer modules import it and register into it; :mod:`ultramem.layers` imports every built-in
@@ -37,7 +37,7 @@ class ShapeContext:
     """What a layer config needs to know about its host to size itself (no weights)."""
 
     d_model: int
-    n_layers: int  # transformer blocks (L in SPEC §3.9)
+    n_layers: int  # transformer blocks (L in math.md §3.9)
     n_mem_layers: int = 0  # memory layers in the model (for shared pools and init)
     mem_index: int = 0  # which memory layer this is (0-based, in placement order)
     block_index: int = 0  # 1-based block the layer reads from
@@ -61,7 +61,7 @@ class LayerConfig:
         """Parameters shared by all layers of this config (a value pool), built once per model."""
         return None
 
-    # ---- accounting (SPEC §1 rules; no weights are allocated) -----------------------------
+    # ---- accounting (math.md §1 rules; no weights are allocated) -----------------------------
     def num_params(self, shape: ShapeContext) -> int:
         """Parameters owned by one layer (excluding what ``build_shared`` owns)."""
         raise NotImplementedError
@@ -84,7 +84,7 @@ class LayerConfig:
     def ffn_shape(self) -> tuple[int, bool]:
         """``(inner dim, gated)`` of this layer as a block's FFN, for memory layers that size
         themselves against the host FFN (``ShapeContext.ffn_hidden`` / ``ffn_gated``, the V2
-        init of SPEC §4.5); ``(0, False)`` when it has no such width."""
+        init of math.md §4.5); ``(0, False)`` when it has no such width."""
         return 0, False
 
 
@@ -94,7 +94,7 @@ class MemoryLayerConfig(LayerConfig):
 
     role: ClassVar[str] = "memory"
 
-    placement: str = "6:6"  # spans "i:j[/i:j...]" or "full" (SPEC §1; ultramem.placement)
+    placement: str = "6:6"  # spans "i:j[/i:j...]" or "full" (math.md §1; ultramem.placement)
     replace_ffn: bool = False  # True: each i:i layer replaces block i's FFN (the original PKM)
 
 

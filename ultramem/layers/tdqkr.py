@@ -1,16 +1,16 @@
-"""Retrieval pieces shared by UltraMem (SPEC §3) and UltraMemV2 (SPEC §4).
+"""Retrieval pieces shared by UltraMem (math.md §3) and UltraMemV2 (math.md §4).
 
 - :class:`RetrievalSpec` -- sizes of the query/key side and its parameter and MAC counts
   (accounting without weights).
 - :class:`CausalQueryConv` -- causal depthwise 1-D conv over the sequence before the query
-  projection, with a rolling decode state (SPEC §3.11).
+  projection, with a rolling decode state (math.md §3.11).
 - :class:`TuckerCores` -- the ``h_c`` Tucker cores ``[h_c, r, r]``, their rank-1 approximation
   ``u, v`` refreshed once per optimiser step with sign stability, and the singular-value aux
-  loss (SPEC §3.7, §3.8).
+  loss (math.md §3.7, §3.8).
 - :class:`MemoryRetrieval` -- ``x [T, D] -> (scores [T, H, m, h_c], addr [T, H, m])``: query
-  projection (heads may share queries in pairs, SPEC §3.3), query/key norm (SPEC §3.5),
-  per-head keys with ``r`` sub-keys each, then the ``product_key_topk`` (plain sum scores, SPEC
-  §2) or ``tucker_topk`` (SPEC §3.7) op. Only the ops in :mod:`ultramem.ops.retrieval` select.
+  projection (heads may share queries in pairs, math.md §3.3), query/key norm (math.md §3.5),
+  per-head keys with ``r`` sub-keys each, then the ``product_key_topk`` (plain sum scores, math.md
+  §2) or ``tucker_topk`` (math.md §3.7) op. Only the ops in :mod:`ultramem.ops.retrieval` select.
 - :func:`calibrate_gains` -- Appendix-A init: set the query/key norm gains so that the mean
   selected score is 1, measured by running the retrieval once on a sample of ``N(0, I)`` inputs.
 """
@@ -89,7 +89,7 @@ class RetrievalSpec:
 
 
 class CausalQueryConv(nn.Module):
-    """Depthwise causal conv ``[B, S, D] -> [B, S, D]`` (SPEC §3.11); token t sees only <= t.
+    """Depthwise causal conv ``[B, S, D] -> [B, S, D]`` (math.md §3.11); token t sees only <= t.
 
     Initialised to the identity (weight 1 on the current token), so switching it on does not
     change the layer at init. Decoding: ``state.window`` keeps the last ``kernel - 1`` inputs.
@@ -174,7 +174,7 @@ class TuckerCores(nn.Module):
         return torch.linalg.svdvals(self.cores.float().sum(0))
 
     def aux_loss(self, alpha: float, tau: float) -> torch.Tensor:
-        """``alpha * mean_{i>=2} relu(sigma_i - tau)^2`` (SPEC §3.7)."""
+        """``alpha * mean_{i>=2} relu(sigma_i - tau)^2`` (math.md §3.7)."""
         s = self.singular_values()
         return alpha * F.relu(s[1:] - tau).pow(2).mean()
 
@@ -189,7 +189,7 @@ class MemoryRetrieval(nn.Module):
         # BatchNorm over the whole projection (Lample et al.); the others over each K-dim query
         self.query_norm = make_norm(spec.query_norm, spec.query_out if spec.query_norm == "batchnorm" else spec.key_dim)
         self.key_norm = make_norm(spec.key_norm, spec.key_dim)
-        # [row/col, H, N, r, K]: per-head keys, each with r sub-keys (SPEC §3.7); side-major, so
+        # [row/col, H, N, r, K]: per-head keys, each with r sub-keys (math.md §3.7); side-major, so
         # each side's keys are one contiguous [H * N * r, K] matrix for the score matmul
         self.keys = nn.Parameter(torch.empty(2, spec.heads, spec.n_keys, spec.sub_keys, spec.key_dim))
         self.tucker = TuckerCores(spec.cores, spec.tucker_rank) if spec.tucker_rank else None
@@ -231,7 +231,7 @@ class MemoryRetrieval(nn.Module):
         return super().train(mode)
 
     def normed_keys(self, dtype: torch.dtype) -> torch.Tensor:
-        """``key_norm(keys)`` in ``dtype`` (SPEC §3.5). In eval mode with no gradient recorded
+        """``key_norm(keys)`` in ``dtype`` (math.md §3.5). In eval mode with no gradient recorded
         (decoding, evaluation) the result is cached until the keys or the norm's weights change
         (their version counters and storage are the cache key; ``train()`` / ``eval()`` also
         drop it, so even a write through ``.data`` is seen after a mode switch): normalising the whole key table costs a
@@ -280,7 +280,7 @@ def calibrate_gains(retrieval: MemoryRetrieval, samples: int, softmax: bool = Fa
     deterministic per seed). Selection is invariant to a positive rescaling, so one pass fixes
     the scale exactly for the sample. Scores are ``∝ (g_q g_k)`` for sum scoring and
     ``∝ (g_q g_k)^2`` for Tucker scoring. Returns ``(mean, var / mean^2)`` of the selected
-    per-core scores before rescaling (the second is ``sigma_s^2`` of SPEC §4.5).
+    per-core scores before rescaling (the second is ``sigma_s^2`` of math.md §4.5).
     """
     gains = retrieval.gains()
     if not gains:

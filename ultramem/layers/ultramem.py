@@ -1,4 +1,4 @@
-"""UltraMem (v1) memory layer (SPEC §3). Every item of the paper's Table 2 is a switch.
+"""UltraMem (v1) memory layer (math.md §3). Every item of the paper's Table 2 is a switch.
 
 Shapes: ``x [B, S, D]`` -> ``[T, D]`` tokens; H heads, m selected per head, h_c Tucker cores,
 E virtual blocks, P = knum^2 physical rows of dim D_v, N = sqrt(E) * knum keys per side.
@@ -36,7 +36,7 @@ from ultramem.ops.skinny_linear import skinny_linear
 class UltraMemConfig(MemoryLayerConfig):
     """Defaults: the paper's UltraMem settings (Table 5) at a small size."""
 
-    placement: str = "2:3"  # SPEC §1 / §3.4 split + skip, e.g. "3:5/6:8/9:11"
+    placement: str = "2:3"  # math.md §1 / §3.4 split + skip, e.g. "3:5/6:8/9:11"
     replace_ffn: bool = False
     knum: int = 64  # sqrt(P): P = knum^2 physical value rows
     expansion: int = 4  # E, implicit value expansion (§3.6); 1 = off; a perfect square
@@ -88,7 +88,7 @@ class UltraMemConfig(MemoryLayerConfig):
             k=self.k or self.topk, query_conv=self.query_conv,
         )
 
-    # ---- accounting (SPEC §1) -----------------------------------------------------------
+    # ---- accounting (math.md §1) -----------------------------------------------------------
     def _proj_params(self, shape: ShapeContext) -> int:
         return shape.d_model * self.expansion * self.dv(shape) if self.has_proj(shape) else 0
 
@@ -126,7 +126,7 @@ class UltraMemConfig(MemoryLayerConfig):
 
 
 class UltraMem(RetrievalLayer):
-    """``[B, S, D] -> [B, S, D]`` (SPEC §3)."""
+    """``[B, S, D] -> [B, S, D]`` (math.md §3)."""
 
     def __init__(self, cfg: UltraMemConfig, shape: ShapeContext) -> None:
         super().__init__()

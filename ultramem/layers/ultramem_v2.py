@@ -1,4 +1,4 @@
-"""UltraMemV2 memory layer (SPEC §4): a memory layer in every block, PEER-style values.
+"""UltraMemV2 memory layer (math.md §4): a memory layer in every block, PEER-style values.
 
 Shapes: ``x [B, S, D]`` -> ``[T, D]``; H heads, m selected per head, h_c cores, P = knum^2 rows
 per layer, ``P_all = L_mem * P`` rows in the one shared pool, ``P' = share_ratio * P_all``
@@ -35,7 +35,7 @@ RINGS = ("forward", "centred")
 @register_layer("ultramem_v2")
 @dataclass
 class UltraMemV2Config(MemoryLayerConfig):
-    """Defaults: the V2 paper's choices (SPEC §4.6) at a small size."""
+    """Defaults: the V2 paper's choices (math.md §4.6) at a small size."""
 
     placement: str = "full"  # §4.1: parallel to every block's FFN
     replace_ffn: bool = False
@@ -104,7 +104,7 @@ class UltraMemV2Config(MemoryLayerConfig):
             k=self.k or min(self.topk, 128), query_conv=self.query_conv,
         )
 
-    # ---- accounting (SPEC §1) -----------------------------------------------------------
+    # ---- accounting (math.md §1) -----------------------------------------------------------
     def _dense(self, shape: ShapeContext) -> int:
         return self.spec(shape).params() + shape.d_model * (self.dp(shape) + self.dv(shape))
 
@@ -222,7 +222,7 @@ def ring_start(layer: int, rows: int, window: int, ring: str) -> int:
 
 
 class UltraMemV2(RetrievalLayer):
-    """``[B, S, D] -> [B, S, D]`` (SPEC §4)."""
+    """``[B, S, D] -> [B, S, D]`` (math.md §4)."""
 
     def __init__(self, cfg: UltraMemV2Config, shape: ShapeContext, pool: ValuePool) -> None:
         super().__init__()

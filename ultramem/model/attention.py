@@ -1,4 +1,4 @@
-"""Causal self-attention with RoPE, grouped-query heads and a preallocated KV cache (SPEC §1).
+"""Causal self-attention with RoPE, grouped-query heads and a preallocated KV cache (math.md §1).
 
 Without a cache, the forward is the training one: causal SDPA over ``[B, S]``. With a
 :class:`~ultramem.model.decode_state.KVCache`, each sequence's tokens are written at its own

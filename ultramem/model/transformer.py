@@ -1,4 +1,4 @@
-"""Pre-LayerNorm decoder hosting ffn and memory layers (SPEC §1).
+"""Pre-LayerNorm decoder hosting ffn and memory layers (math.md §1).
 
 Data flow for block i (1-based)::
 
@@ -117,7 +117,7 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """Every initialisation in one place: embeddings N(0, init_std); attention and FFN
         projections N(0, init_std) with output projections scaled by 1/sqrt(2L); norms to
-        identity; sparse layers by their own ``init_weights`` (SPEC §3.9, §4.5)."""
+        identity; sparse layers by their own ``init_weights`` (math.md §3.9, §4.5)."""
         std = self.cfg.init_std
         nn.init.normal_(self.embed_tokens.weight, std=std)
         if self.lm_head is not None:
@@ -207,7 +207,7 @@ class Transformer(nn.Module):
             layer.after_optimizer_step(step)
 
     def num_params(self, exclude_embeddings: bool = True) -> int:
-        """Parameters as the accounting counts them (SPEC §1: no embeddings, no LM head)."""
+        """Parameters as the accounting counts them (math.md §1: no embeddings, no LM head)."""
         seen: set[int] = set()
         total = 0
         skip = {id(self.embed_tokens.weight)}

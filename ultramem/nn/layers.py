@@ -11,7 +11,7 @@ reference). Put a layer parallel to a block's FFN, reading the FFN's normalised 
 
 ``n_values`` (optional) sets the table size: ``knum`` (UltraMem, V2) or ``n_keys`` (PKM,
 Memory+) is its square root. ``host_layers`` is the depth of the host model (the
-initialisations of SPEC §3.9 / §4.5 scale with it); ``ffn_hidden``/``ffn_gated`` describe its
+initialisations of math.md §3.9 / §4.5 scale with it); ``ffn_hidden``/``ffn_gated`` describe its
 FFN (UltraMemV2's init equates the memory's output variance to the FFN's).
 """
 
@@ -65,7 +65,7 @@ class _DropIn(nn.Module):
     @classmethod
     def stack(cls, count: int, dim: int, **kwargs: Any) -> nn.ModuleList:
         """``count`` layers sharing one value pool/table (UltraMemV2: each its window of the
-        ring, SPEC §4.4; Memory+: one table). Layer 0 holds the shared parameters: insert all."""
+        ring, math.md §4.4; Memory+: one table). Layer 0 holds the shared parameters: insert all."""
         first = cls(dim, _index=0, _count=count, **kwargs)
         shared = getattr(first, "shared", None)
         if shared is None:
@@ -104,7 +104,7 @@ def _config(cls: type[_DropIn], n_values: int | None, fields: dict[str, Any]) ->
 
 
 class UltraMem(_DropIn):
-    """UltraMem (ICLR 2025; SPEC §3): TDQKR, multi-core scoring, implicit value expansion, query
+    """UltraMem (ICLR 2025; math.md §3): TDQKR, multi-core scoring, implicit value expansion, query
     conv; ``n_values = knum^2`` physical rows. Fields: :class:`ultramem.layers.ultramem.UltraMemConfig`."""
 
     config_class = UltraMemConfig
@@ -112,7 +112,7 @@ class UltraMem(_DropIn):
 
 
 class UltraMemV2(_DropIn):
-    """UltraMemV2 (SPEC §4): PEER-style pre-values, one shared pool (``stack``), principled
+    """UltraMemV2 (math.md §4): PEER-style pre-values, one shared pool (``stack``), principled
     init; ``n_values = knum^2`` rows per layer. Fields: :class:`ultramem.layers.ultramem_v2.UltraMemV2Config`."""
 
     config_class = UltraMemV2Config
@@ -120,7 +120,7 @@ class UltraMemV2(_DropIn):
 
 
 class PKM(_DropIn):
-    """Product-key memory (Lample et al. 2019; SPEC §2); ``n_values = n_keys^2``.
+    """Product-key memory (Lample et al. 2019; math.md §2); ``n_values = n_keys^2``.
     Fields: :class:`ultramem.layers.pkm.PKMConfig`."""
 
     config_class = PKMConfig
@@ -128,7 +128,7 @@ class PKM(_DropIn):
 
 
 class MemoryPlus(_DropIn):
-    """Memory+ (Memory Layers at Scale; SPEC §5): SiLU-gated output, one table shared by every
+    """Memory+ (Memory Layers at Scale; math.md §5): SiLU-gated output, one table shared by every
     layer (``stack``); ``n_values = n_keys^2``. Fields: :class:`ultramem.layers.memory_plus.MemoryPlusConfig`."""
 
     config_class = MemoryPlusConfig

@@ -6,9 +6,9 @@ the aux losses, and the once-per-step hook.
     for step in range(total):
         loss = lm_loss(model(x)) + aux_loss(model)
         loss.backward()
-        set_lr(opt, step, total)              # value tables: their own LR rule (SPEC §3.10)
+        set_lr(opt, step, total)              # value tables: their own LR rule (math.md §3.10)
         opt.step(); opt.zero_grad()
-        after_optimizer_step(model, step)     # e.g. the Tucker rank-1 refresh (SPEC §3.7)
+        after_optimizer_step(model, step)     # e.g. the Tucker rank-1 refresh (math.md §3.7)
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def after_optimizer_step(model: nn.Module, step: int = 0) -> None:
     """Run every ultramem layer's once-per-optimiser-step hook (UltraMem/V2: refresh the Tucker
-    rank-1 approximation used by phase-1 selection, SPEC §3.7)."""
+    rank-1 approximation used by phase-1 selection, math.md §3.7)."""
     for mod in model.modules():
         if isinstance(mod, SparseLayer):
             mod.after_optimizer_step(step)

@@ -1,5 +1,5 @@
 """Baseline presets: UltraMem Table 6 (dense, MoE, PKM), UltraMemV2 Table 10 (OLMoE rows) and
-``tiny-*`` CPU presets. Published figures are in SPEC §6; ``tests/test_presets.py`` checks them.
+``tiny-*`` CPU presets. Published figures are in math.md §6; ``tests/test_presets.py`` checks them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ultramem.presets.registry import Published, register_preset
 
 TABLE6 = "UltraMem (ICLR 2025) Table 6"
 TABLE10 = "UltraMemV2 (2025) Table 10"
-# Paper LR per dense size (SPEC §6).
+# Paper LR per dense size (math.md §6).
 LR = {151: 6e-4, 680: 2.5e-4, 1600: 2e-4, 6500: 1.2e-4}
 # (D, MLP inner, heads, blocks) of the four dense sizes.
 DENSE = {151: (1024, 4096, 16, 12), 680: (1536, 6144, 16, 24), 1600: (2048, 8192, 16, 32), 6500: (4096, 16384, 32, 32)}
@@ -22,7 +22,7 @@ NAMES = {151: "151m", 680: "680m", 1600: "1.6b", 6500: "6.5b"}
 
 def paper_model(size: int, **kw) -> ModelConfig:
     """The UltraMem paper's host transformer at a dense size: GELU MLP, vocab 50,432,
-    dropout 0.1 (SPEC §6)."""
+    dropout 0.1 (math.md §6)."""
     d, inner, heads, blocks = DENSE[size]
     base = dict(vocab_size=50432, d_model=d, n_layers=blocks, n_heads=heads, dropout=0.1,
                 max_seq_len=2048, ffn=MLPConfig(hidden=inner))
@@ -74,23 +74,23 @@ def _register_pkm(size: int, m: int, heads: int, key_dim: int, n_keys: int, bloc
 
 
 # Table 6 prints 0.35 GFLOPs for PKM-151M, but its own row (6 heads, K 512, 1347 keys, top-16,
-# D_v = D) costs 0.331 under SPEC §1's rules, as every other row's does (dense 0.302 + query
+# D_v = D) costs 0.331 under math.md §1's rules, as every other row's does (dense 0.302 + query
 # 0.0126 + key scores 0.0166 + values 0.0002); the paper's Table 3 puts its PKM-151M ablation
 # baseline at 0.324. We keep the row's architecture and accept 6 % on this one figure.
 _register_pkm(151, 16, 6, 512, 1347, 6, 2.04e9, 0.35, gflops_tolerance=0.06,
-              note="Table 6's 0.35 GFLOPs is not reachable from the row's own sizes (0.331 by SPEC §1; "
+              note="Table 6's 0.35 GFLOPs is not reachable from the row's own sizes (0.331 by math.md §1; "
                    "Table 3's PKM-151M baseline: 0.324); tolerance 6 % on GFLOPs")
 _register_pkm(680, 35, 8, 768, 2308, 12, 8.95e9, 1.50)
-# SPEC §6 inconsistency (1): the row's Knum 1792 gives only 6.6B values; its 21.44B parameters
+# math.md §6 inconsistency (1): the row's Knum 1792 gives only 6.6B values; its 21.44B parameters
 # imply Knum ~ 3112. We reproduce the parameter count (and hence the FLOPs) with Knum = 3112.
 _register_pkm(1600, 42, 12, 896, 3112, 16, 21.44e9, 3.52,
-              note="Table 6 prints Knum=1792, but its 21.44B params imply Knum~3112 (SPEC §6); we use 3112")
+              note="Table 6 prints Knum=1792, but its 21.44B params imply Knum~3112 (math.md §6); we use 3112")
 
 
 # ---- UltraMemV2 Table 10 OLMoE rows ----------------------------------------------------------
 V2_CONVENTION_227M = (
-    "total params exclude embeddings (SPEC §1); V2 Table 10's 227M active fits only with the "
-    "tied input embedding counted, so active is compared with it added (SPEC §6)"
+    "total params exclude embeddings (math.md §1); V2 Table 10's 227M active fits only with the "
+    "tied input embedding counted, so active is compared with it added (math.md §6)"
 )
 
 
@@ -112,7 +112,7 @@ def olmoe_227m() -> Config:
 
 
 @register_preset("olmoe-1b-7b", "OLMoE-1B/7B: 8 of 64 SwiGLU experts (width 1024), D 2048, 16 blocks",
-                 Published(6.71e9, None, 1070e6, TABLE10, "embeddings and LM head excluded (SPEC §6)",
+                 Published(6.71e9, None, 1070e6, TABLE10, "embeddings and LM head excluded (math.md §6)",
                            params_tolerance=0.05),
                  ("paper", "moe", "v2"))
 def olmoe_1b_7b() -> Config:

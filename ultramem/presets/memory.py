@@ -1,6 +1,6 @@
 """UltraMem / UltraMemV2 presets: UltraMem Table 6, UltraMemV2 Table 10 and tiny CPU sizes.
 
-Published figures are in SPEC §6; ``tests/test_presets.py`` and
+Published figures are in math.md §6; ``tests/test_presets.py`` and
 ``tests/test_presets_memory.py`` check every preset against them.
 """
 
@@ -53,9 +53,9 @@ for _size in V1_ROWS:
 
 # ---- UltraMemV2 Table 10 (D 768, 20 blocks, 12 heads; OLMoE host, vocab 50,304) -------------
 V2_227_CONVENTION = (
-    "total excludes embeddings (SPEC §1) and matches within 2 %; Table 10's active figure fits "
+    "total excludes embeddings (math.md §1) and matches within 2 %; Table 10's active figure fits "
     "only with the tied input embedding (50,304 x 768) counted, so active is compared with it "
-    "added, within 5 % (SPEC §6; same convention as olmoe-227m-1.2b). The FFN inner dim is not published: 2,496 (SwiGLU; the V2 public "
+    "added, within 5 % (math.md §6; same convention as olmoe-227m-1.2b). The FFN inner dim is not published: 2,496 (SwiGLU; the V2 public "
     "config's mlp_hidden_size 4992 = 2 x 2,496) for all three 227M memory rows"
 )
 V2_1B_CONVENTION = (
@@ -80,7 +80,7 @@ def _v2_config(model: ModelConfig, batch: int) -> Config:
 
 @register_preset(
     "ultramem-v2-227m-1.2b",
-    "UltraMemV2-227M/1.2B (SPEC §4.7): memory in all 20 blocks, Knum 360, K 192, 1 x top-32, "
+    "UltraMemV2-227M/1.2B (math.md §4.7): memory in all 20 blocks, Knum 360, K 192, 1 x top-32, "
     "D_v = D_p = 192, share_ratio 0.5",
     Published(1.18e9, None, 225e6, TABLE10, V2_227_CONVENTION, embedding_in_active=True,
               params_tolerance=0.05),

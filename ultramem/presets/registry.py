@@ -12,14 +12,14 @@ from ultramem.config import Config
 @dataclass(frozen=True)
 class Published:
     """Figures a preset must reproduce: params within 2 %, GFLOPs within 5 % (``None``: not
-    published). ``convention`` states how the source counts when it differs from SPEC §1."""
+    published). ``convention`` states how the source counts when it differs from math.md §1."""
 
     params: float | None = None  # absolute count
     gflops: float | None = None
     active_params: float | None = None
     source: str = ""
     convention: str = ""
-    # V2 Table 10 counts differently from SPEC §1 (see SPEC §6): add the tied input embedding.
+    # V2 Table 10 counts differently from math.md §1 (see math.md §6): add the tied input embedding.
     embedding_in_params: bool = False
     embedding_in_active: bool = False
     params_tolerance: float = 0.02

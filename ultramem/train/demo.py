@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
               f"{_fmt(emb.vocab_size * emb.d_model):>8}{r['loss']:>10.3f}{r['bits_per_byte']:>11.3f}"
               f"{s['tokens_per_s'] or 0:>9,.0f}{dt:>7.0f}s")
     print(f"{'unigram':<16}{'':>9}{'':>9}{'':>8}{entropy:>10.3f}")
-    print("(params and active params exclude embeddings (SPEC §1); val loss in nats/token on the "
+    print("(params and active params exclude embeddings (math.md §1); val loss in nats/token on the "
           "full validation split)")
     if rows:
         plot_runs([out / n for n, *_ in rows], out / "compare.png")

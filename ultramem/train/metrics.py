@@ -5,7 +5,7 @@ Training FLOPs per token (stated, PaLM/Chinchilla convention)::
     F_train = 3 * (F_acc + 2 D V + 4 L S D)
 
 ``F_acc`` is :func:`ultramem.accounting.count` ``.flops_per_token`` (forward matmuls of the
-blocks, SPEC §1: no attention scores, no head); ``2 D V`` is the LM head; ``4 L S D`` the
+blocks, math.md §1: no attention scores, no head); ``2 D V`` is the LM head; ``4 L S D`` the
 attention scores (``QK^T`` and ``AV``, 2 S D each per layer, full sequence length ``S``,
 no causal halving); the factor 3 counts the backward pass as twice the forward.
 MFU = tokens/s * F_train / peak FLOP/s (bf16 dense peak of the GPU; on CPU MFU is reported

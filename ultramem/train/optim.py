@@ -1,6 +1,6 @@
 """AdamW parameter groups (built explicitly, coverage asserted) and the LR schedule.
 
-Groups (SPEC §6 recipe: AdamW beta 0.9/0.95, weight decay 0.1):
+Groups (math.md §6 recipe: AdamW beta 0.9/0.95, weight decay 0.1):
 
 - one group per :class:`~ultramem.layers.base.ParamGroupHint` from the sparse layers (value
   tables: their own LR / LR multiplier / weight decay);

@@ -3,8 +3,8 @@
 ``S_side[g', t, g, n, j] = <norm(q[t, g', side, j if rq == r else 0]), keys[side, h, n, j]>``
 with ``h = g' * G + g`` (G heads per query group); keys are side-major ``[2, H, N, r, K]``.
 
-- SPEC §3.3: heads may share a query (G = 2: heads 2i and 2i+1 use query i); SPEC §3.5: the query norm
-  (LayerNorm / RMSNorm over the key dim K, or none); SPEC §3.7: per-head keys with ``r``
+- math.md §3.3: heads may share a query (G = 2: heads 2i and 2i+1 use query i); math.md §3.5: the query norm
+  (LayerNorm / RMSNorm over the key dim K, or none); math.md §3.7: per-head keys with ``r``
   sub-keys, one query per rank (``rq = r``) or one shared by all ranks (``rq = 1``).
 - The keys arrive already key-normed (``MemoryRetrieval.normed_keys``, cached at inference).
 
@@ -77,7 +77,7 @@ def key_scores(
             ``rq`` = 1 or r query ranks), any float dtype.
         keys: ``[2, H, N, r, K]`` per-head keys, side-major (key norm already applied);
             H a multiple of Q: the G = H / Q heads ``q*G .. q*G + G-1`` share query group q.
-        norm: ``"none"`` | ``"layernorm"`` | ``"rmsnorm"`` over K (the query norm, SPEC §3.5).
+        norm: ``"none"`` | ``"layernorm"`` | ``"rmsnorm"`` over K (the query norm, math.md §3.5).
         weight, bias: ``[K]`` affine of the norm (bias: layernorm only); None = no affine.
         eps: see :func:`resolve_eps` (``None``: PyTorch's default of that norm).
 

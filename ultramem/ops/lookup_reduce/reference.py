@@ -2,11 +2,11 @@
 
 ``out[t, g, c-slice] = sum_j [block[t, j] == g] * a[t, j] * scores[t, j, c] * V[idx[t, j], c-slice]``
 
-- ``g`` -- virtual block of implicit value expansion (SPEC §3.6); 1 block without IVE.
-- ``c`` -- multi-core scoring slice (SPEC §3.8): the value row is split into ``h_c`` equal
+- ``g`` -- virtual block of implicit value expansion (math.md §3.6); 1 block without IVE.
+- ``c`` -- multi-core scoring slice (math.md §3.8): the value row is split into ``h_c`` equal
   slices, slice c weighted by core c's score.
 - ``a[t, j] = act(<pre_query[t], pre_values[idx[t, j]]>)`` -- UltraMemV2's PEER-style
-  pre-value (SPEC §4.2); 1 when no pre-values are given.
+  pre-value (math.md §4.2); 1 when no pre-values are given.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Shapes: ``...`` is any leading batch shape (tokens x heads in the layers).
 
-- :func:`product_key_topk` -- SPEC §2: phase-1 top-k per side, k x k grid of sums, top-m.
-- :func:`tucker_topk` -- SPEC §3.7/3.8: phase 1 with the rank-1 approximation ``u, v`` of the
+- :func:`product_key_topk` -- math.md §2: phase-1 top-k per side, k x k grid of sums, top-m.
+- :func:`tucker_topk` -- math.md §3.7/3.8: phase 1 with the rank-1 approximation ``u, v`` of the
   (summed) Tucker core, exact bilinear rescoring of the k x k candidates with every core,
   selection by the sum over cores, per-core scores returned for multi-core scoring.
 - :func:`brute_force_topk` -- the exact top-m over all N^2 addresses (tests only).
@@ -74,7 +74,7 @@ def brute_force_topk(full_scores: torch.Tensor, m: int) -> tuple[torch.Tensor, t
 
 
 def ive_address(addr: torch.Tensor, perm: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §3.6 implicit value expansion: logical ``addr`` in ``[0, N^2)`` -> ``(row, block)``
+    """math.md §3.6 implicit value expansion: logical ``addr`` in ``[0, N^2)`` -> ``(row, block)``
     with ``pi = perm[addr]``, ``row = pi mod P``, ``block = pi div P`` (int64 both)."""
     pi = perm[addr].long()
     return pi % num_rows, torch.div(pi, num_rows, rounding_mode="floor")
