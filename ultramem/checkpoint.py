@@ -49,13 +49,18 @@ def ckpt_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Completed checkpoints (with a manifest), oldest first."""
-    root = ckpt_dir(run_dir)
+def completed_steps(root: Path) -> list[Path]:
+    """The ``step_*`` directories under ``root`` that have a manifest, oldest first (a
+    ``.tmp-*`` directory left by a crash is not one); shared with distributed/checkpoint.py."""
     if not root.is_dir():
         return []
     done = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Completed checkpoints (with a manifest), oldest first."""
+    return completed_steps(ckpt_dir(run_dir))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -63,7 +68,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -76,7 +81,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -148,10 +153,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         manifest = {"step": step, "files": {}}
         for name in FILES:
             _fsync_file(tmp / name)
-            manifest["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            manifest["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except Exception as e:  # a full disk is an OSError, torch.save's RuntimeError, a SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_write_failure(root, final.name, e)) from e
@@ -162,7 +167,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep_last > 0:  # only completed checkpoints count; the new one is always kept
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != final:
@@ -196,7 +201,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         size = f.stat().st_size
         if size != meta["bytes"]:
             raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['bytes']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupt)")
     if set(manifest.get("files", {})) != set(FILES):
         raise CheckpointError(f"{path}/{MANIFEST}: lists {sorted(manifest.get('files', {}))}, expected {FILES}")

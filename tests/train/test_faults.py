@@ -60,8 +60,8 @@ KILL_POINTS = {
     # the 2nd save (step 4) is killed ...
     "mid-weights": "ckpt.save_weights = killer(ckpt.save_weights, half=True)",  # half a safetensors file
     "mid-optimizer": "ckpt.torch.save = killer(ckpt.torch.save, half=True)",  # half an optimizer.pt
-    "before-rename": "ckpt._fsync_dir = killer(ckpt._fsync_dir, call=1)",  # all written, not renamed
-    "before-rotation": "ckpt._fsync_dir = killer(ckpt._fsync_dir, call=2)",  # renamed, old not pruned
+    "before-rename": "ckpt.fsync_dir = killer(ckpt.fsync_dir, call=1)",  # all written, not renamed
+    "before-rotation": "ckpt.fsync_dir = killer(ckpt.fsync_dir, call=2)",  # renamed, old not pruned
 }
 
 
@@ -334,7 +334,7 @@ def test_eval_of_nan_weights_is_an_error_not_nan(slice_data, tmp_path, capsys):
     ckpt.save_weights(w, last / "model.safetensors")  # as an old version without the guard would have
     manifest = json.loads((last / "manifest.json").read_text())
     f = last / "model.safetensors"
-    manifest["files"]["model.safetensors"] = {"bytes": f.stat().st_size, "sha256": ckpt._sha256(f)}
+    manifest["files"]["model.safetensors"] = {"bytes": f.stat().st_size, "sha256": ckpt.sha256_file(f)}
     (last / "manifest.json").write_text(json.dumps(manifest))
     try:
         rc = main(["eval", str(run), "--json", "--max-batches", "1"])

@@ -19,7 +19,6 @@ checkpoint whose manifest is missing or whose files do not match it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ultramem.checkpoint import completed_steps, fsync_dir, sha256_file
 from ultramem.errors import CheckpointError
 
 SUBDIR = "dcp"
@@ -55,32 +55,12 @@ def _barrier() -> None:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Completed DCP checkpoints (with a manifest), oldest first."""
-    root = Path(run_dir) / SUBDIR
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    return completed_steps(Path(run_dir) / SUBDIR)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _files(path: Path) -> list[Path]:
@@ -117,13 +97,13 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
     _barrier()
     if _rank() == 0:
         torch.save({"step": step, **(state or {})}, tmp / STATE)
-        _fsync(tmp / STATE)
+        fsync_dir(tmp / STATE)
         manifest = {"format": "dcp", "step": step,
-                    "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                               for p in _files(tmp)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
+        fsync_dir(tmp / MANIFEST)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step
             old = root / f".tmp-old-{final.name}"
             os.rename(final, old)
@@ -131,7 +111,7 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync(root)
+        fsync_dir(root)
         if keep_last > 0:
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -155,7 +135,7 @@ def verify(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{f}: missing (listed in the manifest)")
         if f.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupt)")
     extra = sorted(set(str(p.relative_to(path)) for p in _files(path)) - set(listed))
     if extra or STATE not in listed or ".metadata" not in listed:
