@@ -185,9 +185,10 @@ def _write_failure(root: Path, name: str, e: BaseException) -> str:
             f"checkpoints are untouched -- free some space or choose another --out")
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The manifest, after checking every file's size and sha256; CheckpointError otherwise."""
-    path = Path(path)
+def verify_manifest(path: Path) -> dict[str, Any]:
+    """``path/manifest.json``, after checking the size and sha256 of every file it lists;
+    CheckpointError otherwise (shared with distributed/checkpoint.py, which checks its own
+    file set)."""
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (interrupted save?)")
     try:
@@ -203,6 +204,13 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['bytes']} (truncated?)")
         if sha256_file(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupt)")
+    return manifest
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The manifest, after checking every file's size and sha256; CheckpointError otherwise."""
+    path = Path(path)
+    manifest = verify_manifest(path)
     if set(manifest.get("files", {})) != set(FILES):
         raise CheckpointError(f"{path}/{MANIFEST}: lists {sorted(manifest.get('files', {}))}, expected {FILES}")
     return manifest

@@ -36,11 +36,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ultramem.checkpoint import completed_steps, fsync_dir, sha256_file
+from ultramem.checkpoint import MANIFEST, completed_steps, fsync_dir, sha256_file, verify_manifest
 from ultramem.errors import CheckpointError
 
 SUBDIR = "dcp"
-MANIFEST = "manifest.json"
 STATE = "state.pt"
 
 
@@ -122,21 +121,8 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
 def verify(path: str | Path) -> dict[str, Any]:
     """The manifest, after checking every file's size and sha256; CheckpointError otherwise."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete (interrupted save?)")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}/{MANIFEST}: corrupt ({e.msg})") from None
+    manifest = verify_manifest(path)
     listed = manifest.get("files", {})
-    for name, meta in listed.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (listed in the manifest)")
-        if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)")
-        if sha256_file(f) != meta["sha256"]:
-            raise CheckpointError(f"{f}: sha256 differs from the manifest (corrupt)")
     extra = sorted(set(str(p.relative_to(path)) for p in _files(path)) - set(listed))
     if extra or STATE not in listed or ".metadata" not in listed:
         raise CheckpointError(f"{path}: files {extra} not in the manifest, or {STATE}/.metadata missing from it")
