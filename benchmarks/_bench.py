@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from ultramem.inference.bench import time_replays
+
 
 def copy_gbps(device: str, dtype: torch.dtype, timer: Callable[[Callable], float],
               numel: int = 1 << 29) -> float:
@@ -24,28 +26,8 @@ def copy_gbps(device: str, dtype: torch.dtype, timer: Callable[[Callable], float
 
 def graph_time(fn: Callable, calls: int = 20, reps: int = 25) -> float:
     """Median ms per call of a CUDA graph holding ``calls`` calls, warmed on its capture stream
-    (cuBLAS and the allocator see that stream before capture)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+    (cuBLAS and the allocator see that stream before capture): the decode benchmark's timer."""
+    return time_replays(fn, calls=calls, reps=reps)
 
 
 def cold_graph_time(fn: Callable, flush_bytes: int = 128 << 20, calls: int = 10) -> float:
