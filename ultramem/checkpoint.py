@@ -160,6 +160,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     except Exception as e:  # a full disk is an OSError, torch.save's RuntimeError, a SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_write_failure(root, final.name, e)) from e
+    return publish(tmp, final, keep_last)
+
+
+def publish(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Rename the fully written, fsynced ``tmp`` to ``final`` (swapping out a checkpoint of the
+    same step), fsync the parent, then keep the newest ``keep_last`` completed checkpoints
+    there; the new one is always kept. Shared with distributed/checkpoint.py."""
+    root = final.parent
     if final.exists():  # re-saving a step (e.g. a signal right after a periodic save)
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -168,8 +176,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     else:
         os.rename(tmp, final)
     fsync_dir(root)
-    if keep_last > 0:  # only completed checkpoints count; the new one is always kept
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+    if keep_last > 0:  # only completed checkpoints count
+        for old in completed_steps(root)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final

@@ -20,7 +20,6 @@ checkpoint whose manifest is missing or whose files do not match it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ultramem.checkpoint import MANIFEST, completed_steps, fsync_dir, sha256_file, verify_manifest
+from ultramem.checkpoint import MANIFEST, completed_steps, fsync_dir, publish, sha256_file, verify_manifest
 from ultramem.errors import CheckpointError
 
 SUBDIR = "dcp"
@@ -103,17 +102,7 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_dir(tmp / MANIFEST)
         fsync_dir(tmp)
-        if final.exists():  # re-saving a step
-            old = root / f".tmp-old-{final.name}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(root)
-        if keep_last > 0:
-            for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, keep_last)
     _barrier()
     return final
 
