@@ -233,7 +233,21 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return weights, optim, torch.load(path / "state.pt", map_location="cpu", weights_only=True)
 
 
+def upgrade_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``weights`` with older layouts rewritten by each module that defines
+    ``upgrade_state_dict(state_dict, prefix)`` (the product-key retrieval: PKM / Memory+ keys saved
+    as ``[H, 2, N, K]``). The modules also run it as a ``load_state_dict`` pre-hook; it is called
+    here so the shape check below sees the layout the model loads."""
+    out = dict(weights)
+    for name, module in model.named_modules():
+        upgrade = getattr(module, "upgrade_state_dict", None)
+        if upgrade is not None:
+            upgrade(out, f"{name}." if name else "")
+    return out
+
+
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
+    weights = upgrade_weights(model, weights)
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs the model's {tuple(own[k].shape)}"
              for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]

@@ -29,7 +29,8 @@ def test_pkm_matches_definition():
     out = torch.zeros(8, 16)
     for t in range(8):
         for h in range(3):
-            full = (layer.retrieval.keys[h, 0] @ q[t, h, 0])[:, None] + (layer.retrieval.keys[h, 1] @ q[t, h, 1])[None, :]
+            keys = layer.retrieval.keys[:, h, :, 0]  # [row/col, N, K]
+            full = (keys[0] @ q[t, h, 0])[:, None] + (keys[1] @ q[t, h, 1])[None, :]
             s, a = full.flatten().topk(5)
             out[t] += (s.softmax(-1)[:, None] * layer.values[a]).sum(0)
     assert torch.allclose(y.reshape(-1, 16), out, atol=1e-5)

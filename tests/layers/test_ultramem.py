@@ -279,7 +279,7 @@ def test_all_switches_off_equals_pkm_layer():
     pkm.init_weights()
     with torch.no_grad():
         pkm.retrieval.query_proj.weight.copy_(mine.retrieval.query_proj.weight)
-        pkm.retrieval.keys.copy_(mine.retrieval.keys[:, :, :, 0].transpose(0, 1))
+        pkm.retrieval.keys.copy_(mine.retrieval.keys)  # one layout: [2, H, N, 1, K]
         pkm.values.copy_(mine.values)
         pkm.retrieval.query_norm.weight.copy_(mine.retrieval.query_norm.weight)
         pkm.retrieval.query_norm.bias.copy_(mine.retrieval.query_norm.bias)

@@ -1,5 +1,6 @@
-"""Golden loss curves of the memory models: 30 CPU steps of tiny-ultramem and tiny-ultramem-v2
-(shrunk to 2 blocks, d 64) match the committed curves.
+"""Golden loss curves of the memory models: 30 CPU steps of tiny-ultramem, tiny-ultramem-v2,
+tiny-pkm and tiny-memory-plus (shrunk to 2 blocks, d 64) match the committed curves. The PKM and
+Memory+ curves were written by the code before they shared ``layers/tdqkr.py`` (5d32449).
 
 Regenerate after an intended numerical change:
 ``UPDATE_GOLDEN=1 python -m pytest tests/train/test_golden_memory.py -q``."""
@@ -18,6 +19,8 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 CASES = {  # preset -> placement for 2 blocks
     "tiny-ultramem": "1:1/2:2",
     "tiny-ultramem-v2": "full",
+    "tiny-pkm": "2:2",
+    "tiny-memory-plus": "1:1/2:2",
 }
 
 

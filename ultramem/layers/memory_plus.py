@@ -13,13 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultramem.layers.base import ParamGroupHint, SparseLayer
-from ultramem.layers.product_keys import (
-    ProductKeyMemoryConfig,
-    ProductKeyRetrieval,
-    retrieval_macs,
-    retrieval_params,
-)
 from ultramem.layers.registry import ShapeContext, register_layer
+from ultramem.layers.tdqkr import MemoryRetrieval, ProductKeyMemoryConfig, product_key_spec
 from ultramem.ops.lookup_reduce import lookup_reduce
 
 
@@ -41,7 +36,7 @@ class MemoryPlusConfig(ProductKeyMemoryConfig):
 
     def _dense(self, shape: ShapeContext) -> int:
         """Per-layer retrieval + gate W_s [D_v, D] + output W_o [D, D_v]."""
-        r = retrieval_params(shape.d_model, self.heads, self.n_keys, self.key_dim, self.query_norm)
+        r = product_key_spec(self, shape.d_model).params()
         return r + 2 * self._dv(shape) * shape.d_model
 
     def num_params(self, shape: ShapeContext) -> int:
@@ -54,7 +49,7 @@ class MemoryPlusConfig(ProductKeyMemoryConfig):
         return self._dense(shape) + self.heads * self.topk * self._dv(shape)
 
     def flops_per_token(self, shape: ShapeContext) -> int:
-        macs = retrieval_macs(shape.d_model, self.heads, self.n_keys, self.key_dim)
+        macs = product_key_spec(self, shape.d_model).macs()
         dv = self._dv(shape)
         return 2 * (macs + 2 * dv * shape.d_model + self.heads * self.topk * dv)
 
@@ -86,7 +81,7 @@ class MemoryPlus(SparseLayer):
         super().__init__()
         self.cfg, self.n_layers, self.mem_index = cfg, shape.n_layers, shape.mem_index
         d, dv = shape.d_model, cfg._dv(shape)
-        self.retrieval = ProductKeyRetrieval(d, cfg.heads, cfg.n_keys, cfg.key_dim, cfg.topk, cfg.k or cfg.topk, cfg.query_norm, cfg.impl)
+        self.retrieval = MemoryRetrieval(product_key_spec(cfg, d), cfg.impl)
         self.gate_proj = nn.Linear(d, dv, bias=False)  # W_s
         self.out_proj = nn.Linear(dv, d, bias=False)  # W_o
         # A plain attribute, not a submodule: the model owns the pool (counted once).
@@ -94,7 +89,7 @@ class MemoryPlus(SparseLayer):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.retrieval.init_weights(self.cfg.init_std)
+        self.retrieval.init_weights(self.cfg.init_std, head_major_keys=True)
         nn.init.normal_(self.gate_proj.weight, std=self.cfg.init_std)
         nn.init.normal_(self.out_proj.weight, std=self.cfg.init_std / math.sqrt(2 * self.n_layers))
 
@@ -107,10 +102,11 @@ class MemoryPlus(SparseLayer):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         t = flat.shape[0]
-        scores, addr = self.retrieval(flat)
+        scores, addr = self.retrieval(flat)  # [T, H, m, 1], [T, H, m]
+        scores = scores[..., 0]
         w = scores.float().softmax(-1)
         values = self.shared.values
-        pooled = lookup_reduce(values, addr.view(t, -1), w.view(t, -1).to(values.dtype), impl=self.cfg.impl)[:, 0]
+        pooled = lookup_reduce(values, addr.reshape(t, -1), w.reshape(t, -1).to(values.dtype), impl=self.cfg.impl)[:, 0]
         y = self.out_proj(pooled.to(x.dtype) * F.silu(self.gate_proj(flat)))
         if self.track_metrics:
             self.add_metric("score_mean", scores.float().mean())

@@ -11,13 +11,8 @@ import torch
 from torch import nn
 
 from ultramem.layers.base import ParamGroupHint, SparseLayer
-from ultramem.layers.product_keys import (
-    ProductKeyMemoryConfig,
-    ProductKeyRetrieval,
-    retrieval_macs,
-    retrieval_params,
-)
 from ultramem.layers.registry import ShapeContext, register_layer
+from ultramem.layers.tdqkr import MemoryRetrieval, ProductKeyMemoryConfig, product_key_spec
 from ultramem.ops.lookup_reduce import lookup_reduce
 
 
@@ -43,15 +38,15 @@ class PKMConfig(ProductKeyMemoryConfig):
         return 0 if dv == shape.d_model else dv * shape.d_model
 
     def num_params(self, shape: ShapeContext) -> int:
-        r = retrieval_params(shape.d_model, self.heads, self.n_keys, self.key_dim, self.query_norm)
+        r = product_key_spec(self, shape.d_model).params()
         return r + self.n_keys**2 * self._dv(shape) + self._proj(shape)
 
     def active_params(self, shape: ShapeContext) -> int:
-        r = retrieval_params(shape.d_model, self.heads, self.n_keys, self.key_dim, self.query_norm)
+        r = product_key_spec(self, shape.d_model).params()
         return r + self.heads * self.topk * self._dv(shape) + self._proj(shape)
 
     def flops_per_token(self, shape: ShapeContext) -> int:
-        macs = retrieval_macs(shape.d_model, self.heads, self.n_keys, self.key_dim)
+        macs = product_key_spec(self, shape.d_model).macs()
         return 2 * (macs + self.heads * self.topk * self._dv(shape) + self._proj(shape))
 
     def build(self, shape: ShapeContext, shared: nn.Module | None = None) -> PKM:
@@ -65,13 +60,13 @@ class PKM(SparseLayer):
         super().__init__()
         self.cfg = cfg
         d, dv = shape.d_model, cfg._dv(shape)
-        self.retrieval = ProductKeyRetrieval(d, cfg.heads, cfg.n_keys, cfg.key_dim, cfg.topk, cfg.k or cfg.topk, cfg.query_norm, cfg.impl)
+        self.retrieval = MemoryRetrieval(product_key_spec(cfg, d), cfg.impl)
         self.values = nn.Parameter(torch.empty(cfg.n_keys**2, dv))
         self.out_proj = nn.Linear(dv, d, bias=False) if dv != d else None
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.retrieval.init_weights(self.cfg.init_std)
+        self.retrieval.init_weights(self.cfg.init_std, head_major_keys=True)
         nn.init.normal_(self.values, std=self.values.shape[1] ** -0.5)  # Lample: N(0, 1/D_v)
         if self.out_proj is not None:
             nn.init.normal_(self.out_proj.weight, std=self.cfg.init_std)
@@ -82,10 +77,11 @@ class PKM(SparseLayer):
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        scores, addr = self.retrieval(flat)  # [T, H, m]
+        scores, addr = self.retrieval(flat)  # [T, H, m, 1], [T, H, m]
+        scores = scores[..., 0]
         w = scores.float().softmax(-1) if self.cfg.softmax else scores
         t = flat.shape[0]
-        out = lookup_reduce(self.values, addr.view(t, -1), w.view(t, -1).to(self.values.dtype), impl=self.cfg.impl)[:, 0]
+        out = lookup_reduce(self.values, addr.reshape(t, -1), w.reshape(t, -1).to(self.values.dtype), impl=self.cfg.impl)[:, 0]
         if self.out_proj is not None:
             out = self.out_proj(out.to(x.dtype))
         if self.track_metrics:

@@ -1,4 +1,6 @@
-"""Retrieval pieces shared by UltraMem (math.md §3) and UltraMemV2 (math.md §4).
+"""The one product-key retrieval module: UltraMem (math.md §3), UltraMemV2 (math.md §4), and
+PKM / Memory+ (math.md §2, §5), whose product keys are TDQKR with the Tucker core off
+(``tucker_rank = 0``: one sub-key per key, sum scores; tests/layers/test_tdqkr.py proves it).
 
 - :class:`RetrievalSpec` -- sizes of the query/key side and its parameter and MAC counts
   (accounting without weights).
@@ -13,6 +15,8 @@
   §2) or ``tucker_topk`` (math.md §3.7) op. Only the ops in :mod:`ultramem.ops.retrieval` select.
 - :func:`calibrate_gains` -- Appendix-A init: set the query/key norm gains so that the mean
   selected score is 1, measured by running the retrieval once on a sample of ``N(0, I)`` inputs.
+- :class:`ProductKeyMemoryConfig`, :func:`product_key_spec` -- the PKM / Memory+ configs' shared
+  validation and their :class:`RetrievalSpec`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ultramem.errors import ConfigError
 from ultramem.layers.norm import make_norm
+from ultramem.layers.registry import MemoryLayerConfig, ShapeContext
 from ultramem.layers.state import LayerState
 from ultramem.ops.key_scores import key_scores
 from ultramem.ops.retrieval import product_key_topk, tucker_topk
@@ -32,6 +38,7 @@ from ultramem.ops.skinny_linear import skinny_linear
 
 QUERY_NORMS = ("none", "batchnorm", "layernorm", "rmsnorm")
 KEY_NORMS = ("none", "layernorm", "rmsnorm")
+PK_QUERY_NORMS = ("batchnorm", "layernorm", "none")  # the PKM / Memory+ query norms (Lample et al.)
 
 
 @dataclass(frozen=True)
@@ -194,12 +201,21 @@ class MemoryRetrieval(nn.Module):
         self.keys = nn.Parameter(torch.empty(2, spec.heads, spec.n_keys, spec.sub_keys, spec.key_dim))
         self.tucker = TuckerCores(spec.cores, spec.tucker_rank) if spec.tucker_rank else None
         self._key_cache: tuple[tuple, torch.Tensor] | None = None  # see normed_keys
+        self.register_load_state_dict_pre_hook(_upgrade_hook)
 
     @torch.no_grad()
-    def init_weights(self, std: float) -> None:
+    def init_weights(self, std: float, head_major_keys: bool = False) -> None:
+        """Query projection ``N(0, std^2)``, keys ``U(-1/sqrt(K), 1/sqrt(K))`` (Lample et al.),
+        norms reset, Tucker cores drawn. ``head_major_keys``: draw the keys in ``[H, 2, N, r, K]``
+        order, the layout PKM and Memory+ had before they shared this module, so a seed gives
+        them the same weights (and every later draw) as before."""
         nn.init.normal_(self.query_proj.weight, std=std)
         bound = 1.0 / math.sqrt(self.spec.key_dim)  # Lample et al. key init
-        nn.init.uniform_(self.keys, -bound, bound)
+        if head_major_keys:
+            drawn = torch.empty_like(self.keys.transpose(0, 1), memory_format=torch.contiguous_format)
+            self.keys.copy_(nn.init.uniform_(drawn, -bound, bound).transpose(0, 1))
+        else:
+            nn.init.uniform_(self.keys, -bound, bound)
         for norm in (self.query_norm, self.key_norm):
             if hasattr(norm, "reset_parameters"):
                 norm.reset_parameters()
@@ -260,6 +276,17 @@ class MemoryRetrieval(nn.Module):
         return (scores.transpose(0, 1).reshape(t, s.heads, *scores.shape[3:]),
                 addr.transpose(0, 1).reshape(t, s.heads, s.topk))
 
+    def upgrade_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+        """Rewrite, in place, this module's entries of a state dict saved in an older layout: the
+        product-key keys ``[H, 2, N, K]`` (PKM / Memory+ before they shared this module) become
+        ``[2, H, N, 1, K]``. Runs before every ``load_state_dict`` (a pre-hook), and
+        :func:`ultramem.checkpoint.load_model_weights` calls it before its shape check."""
+        key = prefix + "keys"
+        old = state_dict.get(key)
+        s = self.spec
+        if old is not None and s.sub_keys == 1 and tuple(old.shape) == (s.heads, 2, s.n_keys, s.key_dim):
+            state_dict[key] = old.transpose(0, 1).unsqueeze(3).contiguous()
+
     def gains(self) -> list[torch.Tensor]:
         """The norm weights Appendix A calibrates (query first)."""
         out = []
@@ -268,6 +295,11 @@ class MemoryRetrieval(nn.Module):
             if w is not None:
                 out.append(w)
         return out
+
+
+def _upgrade_hook(module: MemoryRetrieval, state_dict: dict[str, torch.Tensor], prefix: str,
+                  *args: object) -> None:
+    module.upgrade_state_dict(state_dict, prefix)
 
 
 @torch.no_grad()
@@ -300,3 +332,44 @@ def calibrate_gains(retrieval: MemoryRetrieval, samples: int, softmax: bool = Fa
     for w in gains:
         w.mul_(factor)
     return mu, rel_var
+
+
+# ---- product-key memories (PKM, Memory+) ----------------------------------------------------
+def product_key_spec(cfg: ProductKeyMemoryConfig, d_model: int) -> RetrievalSpec:
+    """The retrieval of a PKM / Memory+ config: plain product keys (math.md §2), i.e. TDQKR with
+    the Tucker core, query sharing, key norm and query conv off."""
+    return RetrievalSpec(
+        d_model=d_model, heads=cfg.heads, share_query=False, key_dim=cfg.key_dim, n_keys=cfg.n_keys,
+        tucker_rank=0, per_rank_query=False, cores=1, query_norm=cfg.query_norm, key_norm="none",
+        topk=cfg.topk, k=cfg.k or cfg.topk, query_conv=0)
+
+
+def check_product_keys(cfg: ProductKeyMemoryConfig, where: str) -> None:
+    """Shared validation of product-key fields (n_keys, key_dim, heads, topk, k, query_norm)."""
+
+    for name in ("n_keys", "key_dim", "heads", "topk"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{where}.{name}={getattr(cfg, name)} must be a positive integer")
+    if getattr(cfg, "value_dim", 0) < 0:
+        raise ConfigError(f"{where}.value_dim={cfg.value_dim}; allowed: 0 (= d_model) or a positive size")
+    k = cfg.k or cfg.topk
+    if k > cfg.n_keys:
+        raise ConfigError(f"{where}.k={k} exceeds {where}.n_keys={cfg.n_keys}; allowed: k <= n_keys")
+    if cfg.topk > k * k:
+        raise ConfigError(
+            f"{where}.topk={cfg.topk} exceeds k^2={k * k} candidates (k={k}); raise {where}.k "
+            f"or lower {where}.topk"
+        )
+    if cfg.query_norm not in PK_QUERY_NORMS:
+        raise ConfigError(f"{where}.query_norm={cfg.query_norm!r}; allowed: {', '.join(PK_QUERY_NORMS)}")
+
+
+class ProductKeyMemoryConfig(MemoryLayerConfig):
+    """Methods shared by the PKM and Memory+ configs (fields: n_keys, key_dim, heads, topk, k,
+    query_norm, value_dim)."""
+
+    def validate(self, shape: ShapeContext, where: str) -> None:
+        check_product_keys(self, where)
+
+    def _dv(self, shape: ShapeContext) -> int:
+        return self.value_dim or shape.d_model
