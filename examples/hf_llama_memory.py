@@ -4,13 +4,12 @@ offline), trained a few steps on bytes.
     python examples/hf_llama_memory.py           # needs transformers (pip install "ultramem[hf]")
 """
 
-from pathlib import Path
-
 import torch
+from byte_training import train  # the loop shared by the examples (examples/byte_training.py)
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ultramem.nn import UltraMem, after_optimizer_step, aux_loss, param_groups, set_lr
+from ultramem.nn import UltraMem
 
 
 class MLPWithMemory(nn.Module):
@@ -36,22 +35,9 @@ def build(layer: int = 1) -> LlamaForCausalLM:
 
 def main(steps: int = 30, seed: int = 0) -> list[float]:
     torch.manual_seed(seed)
-    text = (Path(__file__).resolve().parents[1] / "ultramem/assets/corpus_slice.txt").read_bytes()[:20000]
-    data = torch.tensor(list(text), dtype=torch.long)
     model = build()
-    opt = torch.optim.AdamW(param_groups(model, base_lr=3e-3), betas=(0.9, 0.95))
-    losses = []
-    for step in range(steps):
-        i = torch.randint(0, len(data) - 64, (8,))
-        x = torch.stack([data[j : j + 64] for j in i])
-        loss = model(input_ids=x, labels=x).loss  # Llama shifts the labels itself
-        (loss + aux_loss(model)).backward()
-        set_lr(opt, step, steps)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        after_optimizer_step(model, step)
-        losses.append(loss.item())
-    return losses
+    # Llama shifts the labels itself: its loss takes the inputs as labels
+    return train(model, lambda x, y: model(input_ids=x, labels=x).loss, steps)
 
 
 if __name__ == "__main__":

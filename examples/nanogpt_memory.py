@@ -5,9 +5,10 @@
 
 import torch
 import torch.nn.functional as F
+from byte_training import train  # the loop shared by the examples (examples/byte_training.py)
 from torch import nn
 
-from ultramem.nn import UltraMemV2, after_optimizer_step, aux_loss, param_groups, set_lr
+from ultramem.nn import UltraMemV2
 
 
 class Block(nn.Module):
@@ -42,26 +43,9 @@ class GPT(nn.Module):
 
 
 def main(steps: int = 30, seed: int = 0) -> list[float]:
-    from pathlib import Path
-
     torch.manual_seed(seed)
-    text = (Path(__file__).resolve().parents[1] / "ultramem/assets/corpus_slice.txt").read_bytes()[:20000]
-    data = torch.tensor(list(text), dtype=torch.long)
     model = GPT()
-    opt = torch.optim.AdamW(param_groups(model, base_lr=3e-3), betas=(0.9, 0.95))
-    losses = []
-    for step in range(steps):
-        i = torch.randint(0, len(data) - 65, (8,))
-        x = torch.stack([data[j : j + 64] for j in i])
-        y = torch.stack([data[j + 1 : j + 65] for j in i])
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        (loss + aux_loss(model)).backward()
-        set_lr(opt, step, steps)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        after_optimizer_step(model, step)
-        losses.append(loss.item())
-    return losses
+    return train(model, lambda x, y: F.cross_entropy(model(x).flatten(0, 1), y.flatten()), steps)
 
 
 if __name__ == "__main__":

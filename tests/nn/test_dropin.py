@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,10 @@ def test_aux_loss_collected_once_and_tucker_refresh():
 
 
 def _example(name: str):
+    """Load ``examples/<name>.py`` as ``python examples/<name>.py`` would (its folder on the path,
+    for the shared ``byte_training`` loop)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -40,6 +40,7 @@ from ultramem.data.corpus import Document
 from ultramem.data.index import FORMAT_VERSION, INDEX, load_index
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.errors import DataError
+from ultramem.outdir import make_out_dir
 
 __all__ = ["INDEX", "load_index", "prepare_documents", "prepare_npy"]
 SHARD_TOKENS = 1 << 25  # 32 M tokens per shard (64 MiB as uint16)
@@ -179,15 +180,7 @@ def _check_val_fraction(val_fraction: float) -> None:
 
 
 def _make_out(out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a directory; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
-    if not os.access(out, os.W_OK):
-        raise DataError(f"{out}: not writable; choose another --out")
+    out = make_out_dir(out, DataError)
     for stale in out.glob(".tmp-*"):  # left by a killed preparation
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     return out

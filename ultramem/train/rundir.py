@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ultramem.errors import ConfigError
+from ultramem.outdir import make_out_dir
 
 LOCK = ".lock"
 
@@ -90,14 +91,7 @@ class RunLock:
 
 def prepare_run_dir(run_dir: Path) -> None:
     """Create ``run_dir`` (a clear error when it is a file or cannot be created/written)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir}: exists and is not a directory; choose another --out")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {run_dir}: cannot create it ({e.strerror}); choose another --out") from None
-    if not os.access(run_dir, os.W_OK):
-        raise ConfigError(f"--out {run_dir}: not writable; choose another --out")
+    make_out_dir(run_dir, ConfigError)
 
 
 def move_aside(run_dir: Path) -> Path | None:
