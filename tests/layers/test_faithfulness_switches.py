@@ -3,34 +3,13 @@ UltraMemV2 address shuffle and weight decay on the value tables (v1 and V2)."""
 
 import pytest
 import torch
+from v2_helpers import D, build_all
 
 from ultramem.errors import ConfigError
 from ultramem.layers.registry import ShapeContext
-from ultramem.layers.ultramem_v2 import UltraMemV2Config
 from ultramem.model.transformer import Transformer
 from ultramem.resolve import load_config
 from ultramem.train.optim import build_param_groups
-
-D = 32
-SMALL = dict(knum=8, key_dim=16, heads=1, topk=8, value_dim=12, pre_value_dim=6, calib_samples=128)
-
-
-def build_all(n_mem=3, seed=0, **kw):
-    """``n_mem`` V2 layers on one pool, built as the model builds them (meta, to_empty, init)."""
-    cfg = UltraMemV2Config(**{**SMALL, **kw})
-    base = ShapeContext(d_model=D, n_layers=3, n_mem_layers=n_mem)
-    cfg.validate(base, "model.memory")
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        pool = cfg.build_shared(base)
-        layers = [cfg.build(ShapeContext(**{**base.__dict__, "mem_index": i}), pool) for i in range(n_mem)]
-    pool.to_empty(device="cpu")
-    for layer in layers:
-        layer.to_empty(device="cpu")
-        layer.__dict__["pool"] = pool
-        layer.init_weights()
-    pool.init_weights()
-    return cfg, pool, layers
 
 
 def test_v2_shuffle_off_by_default_keeps_the_contiguous_map():
