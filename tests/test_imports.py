@@ -21,6 +21,34 @@ PACKAGE = ROOT / "ultramem"
 # unigram_entropy into the loader (reliability branch).
 KNOWN_CYCLES: set[frozenset[str]] = set()
 
+# Every import inside a function, ``(module, what it imports) -> why``: an optional dependency,
+# or a measured start-up cost only some commands pay. docs/design.md ("Deferred imports") lists
+# the same; a new function-level import fails test_function_level_imports_are_allow_listed.
+OPTIONAL = "optional dependency (not in the core install)"
+DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
+    ("ultramem", "ultramem.inference.generate"): "`ultramem.generate` is lazy: `import ultramem` loads no model code",
+    ("ultramem.data.corpus", "pyarrow"): OPTIONAL,
+    ("ultramem.data.corpus", "pyarrow.parquet"): OPTIONAL,
+    ("ultramem.data.prepare", "tqdm"): OPTIONAL,
+    ("ultramem.data.tokenizer", "tokenizers"): OPTIONAL,
+    ("ultramem.train.trainer", "tqdm"): OPTIONAL,
+    ("ultramem.train.metrics", "torch.utils.tensorboard"): OPTIONAL,
+    ("ultramem.train.metrics", "matplotlib"): OPTIONAL,
+    ("ultramem.train.metrics", "matplotlib.pyplot"): OPTIONAL,
+    ("ultramem.distributed", "ultramem.distributed.parallelize"): "DTensor/FSDP (~1 s): sharded runs only",
+    ("ultramem.distributed", "torch.distributed.tensor"): "~1 s of import: paid once a run checks for DTensors",
+    ("ultramem.distributed", "torch.distributed.checkpoint.state_dict"): "~1.5 s: sharded runs only",
+    ("ultramem.hf", "transformers"): OPTIONAL,
+    ("ultramem.hf", "ultramem.hf.configuration_ultramem"): "imports transformers (optional)",
+    ("ultramem.hf", "ultramem.hf.modeling_ultramem"): "imports transformers (optional)",
+    ("ultramem.eval.harness", "transformers"): OPTIONAL,
+    ("ultramem.eval.harness", "ultramem.hf.configuration_ultramem"): "imports transformers (optional)",
+    ("ultramem.eval.harness", "ultramem.hf.modeling_ultramem"): "imports transformers (optional)",
+    ("ultramem.eval.harness", "lm_eval"): OPTIONAL,
+    ("ultramem.eval.harness", "lm_eval.models.huggingface"): OPTIONAL,
+    ("ultramem.eval.harness", "lm_eval.tasks"): OPTIONAL,
+}
+
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -109,6 +137,32 @@ def test_the_checker_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def function_level_imports() -> set[tuple[str, str]]:
+    """``(module, imported module)`` for every import statement inside a function body."""
+    found: set[tuple[str, str]] = set()
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    found.update((module_name(path), a.name) for a in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    assert node.level == 0, f"{path}:{node.lineno}: relative import in a function"
+                    found.add((module_name(path), node.module))
+    return found
+
+
+def test_function_level_imports_are_allow_listed():
+    found = function_level_imports()
+    assert ("ultramem", "ultramem.inference.generate") in found  # the walk sees them
+    new = found - set(DEFERRED_IMPORTS)
+    assert not new, f"function-level imports not in DEFERRED_IMPORTS (import at the top, or add with a reason): {sorted(new)}"
+    gone = set(DEFERRED_IMPORTS) - found
+    assert not gone, f"DEFERRED_IMPORTS lists imports that are gone: {sorted(gone)}"
 
 
 def test_bottom_modules_import_nothing_of_ultramem():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ultramem.errors import ConfigError
 
@@ -72,8 +73,6 @@ def wrap(model: nn.Module, d: Dist, parallel: str = "ddp", memory_parallel: int 
     if parallel == "ddp":
         if memory_parallel > 1:
             raise ConfigError("train.memory_parallel > 1 needs train.parallel=fsdp")
-        from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: PLC0415
-
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if parallel == "fsdp":
         from ultramem.distributed.parallelize import make_mesh, parallelize  # noqa: PLC0415

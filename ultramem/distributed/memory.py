@@ -19,6 +19,10 @@ from pathlib import Path
 import torch
 
 from ultramem.config import ModelConfig
+from ultramem.distributed.volume import LookupShape, choose_partition, columnwise_bytes, rowwise_bytes
+from ultramem.model.transformer import Transformer
+from ultramem.presets import get_preset
+from ultramem.train.optim import collect_hints
 
 BYTES_PER_PARAM = 16  # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
 
@@ -31,9 +35,6 @@ class Split:
 
 def split_params(cfg: ModelConfig) -> Split:
     """Table vs dense parameter counts of ``cfg`` (built on the meta device: no memory)."""
-    from ultramem.model.transformer import Transformer  # noqa: PLC0415
-    from ultramem.train.optim import collect_hints  # noqa: PLC0415
-
     with torch.device("meta"):
         model = Transformer(cfg)
     tables = {id(p): p.numel() for h in collect_hints(model) for p in h.params}
@@ -52,8 +53,6 @@ def v2_120b() -> ModelConfig:
     """A 120B-total UltraMemV2 for sizing only: the V2 paper's 2.5B/120B model is proprietary and
     its shape is not published, so this takes the 1B/7B preset and grows the pool (knum 528 ->
     2,528: 16 x 2,528^2 rows x (768 + 384) ~ 117.8B pool parameters)."""
-    from ultramem.presets import get_preset  # noqa: PLC0415
-
     cfg = get_preset("ultramem-v2-1b-7b").model
     cfg.memory.knum = 2528
     return cfg
@@ -62,8 +61,6 @@ def v2_120b() -> ModelConfig:
 def lookup_bytes(models: dict[str, ModelConfig]) -> list[dict]:
     """Bytes one rank sends per token and memory layer (forward + backward, bf16 tables,
     uniform rows), row- vs column-wise, from :mod:`ultramem.distributed.volume`."""
-    from ultramem.distributed.volume import LookupShape, choose_partition, columnwise_bytes, rowwise_bytes  # noqa: PLC0415
-
     out = []
     for name, cfg in models.items():
         mem = cfg.memory
@@ -77,8 +74,6 @@ def lookup_bytes(models: dict[str, ModelConfig]) -> list[dict]:
 
 
 def main(out: Path = Path("docs/results/distributed-memory.json")) -> dict:
-    from ultramem.presets import get_preset  # noqa: PLC0415
-
     models = {"ultramem-v2-1b-7b": get_preset("ultramem-v2-1b-7b").model, "ultramem-v2-120b (sized)": v2_120b()}
     meshes = [(1, 8), (8, 1), (8, 8), (16, 4), (64, 1), (64, 8)]  # (mp, dp)
     rows = []

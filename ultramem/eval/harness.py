@@ -22,8 +22,11 @@ from typing import Any
 
 import torch
 
+from ultramem.data.corpus import EOT
 from ultramem.errors import ConfigError, DataError
 from ultramem.eval.harness_data import asset_dir
+from ultramem.hf import register
+from ultramem.inference.load import load_run
 
 LOCAL_TASKS = ("ultramem_corpus_recall", "ultramem_kv_recall")
 
@@ -47,8 +50,6 @@ def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
     """(Hugging Face model, tokenizer) for a run directory or an exported directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415
 
-    from ultramem.data.corpus import EOT  # noqa: PLC0415
-    from ultramem.hf import register  # noqa: PLC0415
 
     register()
     path = Path(path)
@@ -58,7 +59,6 @@ def load_model(path: str | Path, device: str) -> tuple[Any, Any]:
     else:
         from ultramem.hf.configuration_ultramem import UltramemConfig  # noqa: PLC0415
         from ultramem.hf.modeling_ultramem import UltramemForCausalLM  # noqa: PLC0415
-        from ultramem.inference.load import load_run  # noqa: PLC0415
 
         loaded = load_run(path, "cpu")
         if loaded.tokenizer is None:

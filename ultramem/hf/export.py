@@ -25,6 +25,7 @@ import ultramem
 from ultramem.data.corpus import EOT
 from ultramem.errors import CheckpointError, ConfigError
 from ultramem.hf import card, flatten
+from ultramem.inference.load import load_run
 
 HF_DIR = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_ultramem.py", "modeling_ultramem.py")
@@ -75,8 +76,6 @@ def weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tenso
 def export_run(run_dir: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
                checkpoint: str | Path | None = None) -> Path:
     """Export the run's latest (verified) checkpoint to the directory ``out``; returns it."""
-    from ultramem.inference.load import load_run  # noqa: PLC0415 (heavy; only the command needs it)
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     run_dir, out = Path(run_dir), Path(out)

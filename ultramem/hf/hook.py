@@ -15,11 +15,11 @@ import sys
 import warnings
 from types import ModuleType
 
+from ultramem.hf import register
+
 
 def _register() -> None:
     try:
-        from ultramem.hf import register  # noqa: PLC0415
-
         register()
     except Exception as e:  # noqa: BLE001 -- never break the user's `import transformers`
         warnings.warn(f"ultramem: could not register with transformers ({e}); "
