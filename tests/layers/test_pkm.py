@@ -1,6 +1,7 @@
+"""PKM layer (math.md §2): phase-1 product-key top-k and the layer against its definition."""
+
 import torch
 
-from ultramem.layers.memory_plus import MemoryPlusConfig
 from ultramem.layers.pkm import PKMConfig
 from ultramem.layers.registry import ShapeContext
 from ultramem.ops.retrieval.reference import brute_force_topk, product_key_topk
@@ -34,16 +35,3 @@ def test_pkm_matches_definition():
             s, a = full.flatten().topk(5)
             out[t] += (s.softmax(-1)[:, None] * layer.values[a]).sum(0)
     assert torch.allclose(y.reshape(-1, 16), out, atol=1e-5)
-
-
-def test_memory_plus_shares_one_table():
-    from ultramem.model.transformer import Transformer
-    from ultramem.resolve import load_config
-
-    model = Transformer.build(load_config("tiny-memory-plus").model)
-    tables = {id(layer.shared.values) for layer in model.memory}
-    assert len(model.memory) == 2 and len(tables) == 1
-    hints = [h for layer in model.memory for h in layer.param_group_hints()]
-    assert len(hints) == 1 and hints[0].params[0] is model.memory_shared.values
-    cfg = MemoryPlusConfig()
-    assert cfg.shared_num_params(ShapeContext(d_model=64, n_layers=2)) == 512 * 512 * 64

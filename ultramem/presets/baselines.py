@@ -1,5 +1,5 @@
 """Baseline presets: UltraMem Table 6 (dense, MoE, PKM), UltraMemV2 Table 10 (OLMoE rows) and
-``tiny-*`` CPU presets. Published figures are in math.md §6; ``tests/test_presets.py`` checks them.
+``tiny-*`` CPU presets. Published figures are in math.md §6; ``tests/presets/test_registry.py`` checks them.
 """
 
 from __future__ import annotations

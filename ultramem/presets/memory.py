@@ -1,7 +1,7 @@
 """UltraMem / UltraMemV2 presets: UltraMem Table 6, UltraMemV2 Table 10 and tiny CPU sizes.
 
-Published figures are in math.md §6; ``tests/test_presets.py`` and
-``tests/test_presets_memory.py`` check every preset against them.
+Published figures are in math.md §6; ``tests/presets/test_registry.py`` and
+``tests/presets/test_memory.py`` check every preset against them.
 """
 
 from __future__ import annotations

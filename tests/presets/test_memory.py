@@ -27,7 +27,7 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("name", MEMORY_PRESETS)
 def test_memory_preset_tolerances_are_the_issue_s(name):
-    """The figures themselves are checked for every preset by tests/test_presets.py; here: the
+    """The figures themselves are checked for every preset by tests/presets/test_registry.py; here: the
     v1 rows use math.md §1's convention at 2 % / 5 %, the V2 rows state theirs at 5 %."""
     pub = get_preset_info(name).published
     if name.endswith("-x12"):
