@@ -27,10 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from ultramem.distributed.overlap import overlap_memory
 from ultramem.distributed.sharded_lookup import PARTITIONS, ShardedLookup, _core_slice
 from ultramem.distributed.volume import LookupShape, choose_partition
 from ultramem.errors import ConfigError
@@ -196,6 +194,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
             layer.lookup = op
 
     if fsdp:
+        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
         kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
         for block in model.blocks:
             fully_shard(block, **kw)  # one unit per model.blocks[i] (Block.forward)
@@ -205,6 +205,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
                     reshard_after_forward and not overlap)})
         fully_shard(model, ignored_params=sharded, **kw)
     if overlap:
+        from ultramem.distributed.overlap import overlap_memory  # noqa: PLC0415
+
         overlap_memory(model)
     return ParallelPlan(mesh, plan_tables)
 
