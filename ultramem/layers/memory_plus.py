@@ -102,11 +102,11 @@ class MemoryPlus(SparseLayer):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         t = flat.shape[0]
-        scores, addr = self.retrieval(flat)  # [T, H, m, 1], [T, H, m]
-        scores = scores[..., 0]
+        scores, addr = self.retrieval(flat)
+        scores, addr = scores[..., 0].contiguous(), addr.contiguous()  # scores were [T, H, m, 1]
         w = scores.float().softmax(-1)
         values = self.shared.values
-        pooled = lookup_reduce(values, addr.reshape(t, -1), w.reshape(t, -1).to(values.dtype), impl=self.cfg.impl)[:, 0]
+        pooled = lookup_reduce(values, addr.view(t, -1), w.view(t, -1).to(values.dtype), impl=self.cfg.impl)[:, 0]
         y = self.out_proj(pooled.to(x.dtype) * F.silu(self.gate_proj(flat)))
         if self.track_metrics:
             self.add_metric("score_mean", scores.float().mean())

@@ -77,11 +77,11 @@ class PKM(SparseLayer):
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        scores, addr = self.retrieval(flat)  # [T, H, m, 1], [T, H, m]
-        scores = scores[..., 0]
+        scores, addr = self.retrieval(flat)  # [T, H, m]
+        scores, addr = scores[..., 0].contiguous(), addr.contiguous()  # scores were [T, H, m, 1]
         w = scores.float().softmax(-1) if self.cfg.softmax else scores
         t = flat.shape[0]
-        out = lookup_reduce(self.values, addr.reshape(t, -1), w.reshape(t, -1).to(self.values.dtype), impl=self.cfg.impl)[:, 0]
+        out = lookup_reduce(self.values, addr.view(t, -1), w.view(t, -1).to(self.values.dtype), impl=self.cfg.impl)[:, 0]
         if self.out_proj is not None:
             out = self.out_proj(out.to(x.dtype))
         if self.track_metrics:
