@@ -33,7 +33,6 @@ from ultramem.accounting import count
 from ultramem.config import Config
 from ultramem.errors import ConfigError
 from ultramem.resolve import load_config
-from ultramem.train.trainer import train
 
 ROOTS = tuple(dict.fromkeys((Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments")))
 
@@ -111,6 +110,8 @@ def _val_curve(run_dir: Path) -> dict[int, float]:
 
 def run_experiment(name: str, out: str | Path, extra: list[str] = (), only: list[str] | None = None,
                    progress: bool = True) -> dict[str, Any]:
+    from ultramem.train.trainer import train  # noqa: PLC0415 (torch-heavy; --list stays fast)
+
     path = find_experiment(name)
     spec = load_experiment(path)
     runs = run_configs(spec, list(extra))
