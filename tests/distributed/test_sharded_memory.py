@@ -1,8 +1,10 @@
 """Memory tables sharded over gloo processes compute what one process computes
 (ultramem.distributed: sharded_lookup, volume, parallelize, checkpoint).
 
-2-process tests run in CI; the 4-process ones (mesh mp=2 x dp=2, and mp=4) are marked
-``slow`` and run with ``pytest -m slow tests/distributed`` (docs/distributed.md §7)."""
+2-process tests run in CI, and one 4-process launch (``test_four_processes``: the op with its
+bytes, the first step on the 2 x 2 mesh, a 2 x 2 -> mp=4 -> one-process reshard); the
+exhaustive 4-process ones (every preset x partition, five steps, on mp=2 x dp=2 and mp=4) are
+``slow``: ``pytest -m slow tests/distributed`` (docs/distributed.md §7)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ def test_sharded_lookup_op(tmp_path, world):
                                       pytest.param(4, 4, marks=pytest.mark.slow)])
 def test_parallelized_model_matches_one_process(tmp_path, world, mp):
     assert_ok(launch("model", world, tmp_path, str(mp), timeout=600))
+
+
+def test_four_processes(tmp_path):
+    """One gloo launch of 4 ranks (scenario_quad): forward + every gradient = one process, bytes =
+    formulas, and a checkpoint resharded 2 x 2 -> mp=4; then 4 -> 1 here: same logits."""
+    assert_ok(launch("quad", 4, tmp_path))
+    cfg, model = workers.build("tiny-ultramem-v2")
+    assert dckpt.load(dckpt.latest_checkpoint(tmp_path / "run"), model)["tokens"] == 7
+    torch.testing.assert_close(workers.full_logits(model, workers.batch(cfg, 99, 4)[0], 0, 1),
+                               torch.load(tmp_path / "expect.pt")["logits"], **workers.TOL)
 
 
 @pytest.mark.parametrize("preset,partition", [("tiny-ultramem", "row"), ("tiny-ultramem-v2", "col")])
