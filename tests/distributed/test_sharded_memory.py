@@ -32,6 +32,13 @@ def test_parallelized_model_matches_one_process(tmp_path, world, mp):
     assert_ok(launch("model", world, tmp_path, str(mp), timeout=600))
 
 
+def test_pkm_and_memory_plus_tables_sharded(tmp_path):
+    """PKM's value table and Memory+'s shared one, row- and column-wise over 2 ranks: first
+    step (logits, every gradient) and five steps as one process (PKM with LayerNorm queries:
+    its BatchNorm ones use per-rank batch statistics, workers.VARIANTS)."""
+    assert_ok(launch("model", 2, tmp_path, "2", "tiny-pkm-layernorm", "tiny-memory-plus", timeout=600))
+
+
 def test_four_processes(tmp_path):
     """One gloo launch of 4 ranks (scenario_quad): forward + every gradient = one process, bytes =
     formulas, and a checkpoint resharded 2 x 2 -> mp=4; then 4 -> 1 here: same logits."""

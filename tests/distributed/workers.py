@@ -29,9 +29,18 @@ SEQ, ROWS = 16, 2  # tokens per sequence, sequences per rank
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
+# Presets with a memory switch changed. PKM's default BatchNorm query norm normalises with each
+# rank's own batch statistics under data parallelism (DDP too), so no multi-process run equals
+# one process with it; the table sharding is compared with LayerNorm queries.
+VARIANTS = {"tiny-pkm-layernorm": ("tiny-pkm", {"query_norm": "layernorm"})}
+
+
 # ---- shared with the in-process tests ---------------------------------------------------------
 def build(preset: str) -> tuple[Config, Transformer]:
+    preset, memory = VARIANTS.get(preset, (preset, {}))
     cfg = get_preset(preset)
+    for k, v in memory.items():
+        setattr(cfg.model.memory, k, v)
     cfg.train.max_steps, cfg.train.warmup_frac = 8, 0.25
     torch.manual_seed(0)
     return cfg, Transformer.build(cfg.model)
@@ -190,12 +199,12 @@ def first_step_matches(preset: str, partition: str, mesh, rank: int, world: int)
     return cfg, ref, model
 
 
-def scenario_model(rank: int, world: int, tmp: Path, mp: str) -> None:
-    """parallelize() on the tiny UltraMem and V2 presets, both partitions: logits, loss and
-    every gradient of the first step equal one process on the global batch; then five steps
-    give the same losses."""
+def scenario_model(rank: int, world: int, tmp: Path, mp: str, *presets: str) -> None:
+    """parallelize() on ``presets`` (default: the tiny UltraMem and V2), both partitions: logits,
+    loss and every gradient of the first step equal one process on the global batch; then five
+    steps give the same losses."""
     mesh = make_mesh(int(mp))
-    for preset in ("tiny-ultramem", "tiny-ultramem-v2"):
+    for preset in presets or ("tiny-ultramem", "tiny-ultramem-v2"):
         for partition in ("row", "col"):
             cfg, ref, model = first_step_matches(preset, partition, mesh, rank, world)
             where = f"{preset}/{partition}/mp={mp}"
