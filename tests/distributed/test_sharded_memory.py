@@ -137,3 +137,16 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
             parallelize(model, make_mesh(1), partition={"memory.9.values": "row"})
     finally:
         dist.destroy_process_group()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """As the full-weight checkpoints: a NaN weight is refused, nothing written or rotated."""
+    cfg, model = workers.build("tiny-ultramem")
+    dckpt.save(tmp_path / "run", 1, model)
+    with torch.no_grad():
+        model.memory[0].values[3, 1] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refusing to save step 2: non-finite weights \(memory.0.values\); "
+                                              r"the last good checkpoint is kept: .*step_0000001"):
+        dckpt.save(tmp_path / "run", 2, model, keep_last=1)
+    assert [p.name for p in dckpt.list_checkpoints(tmp_path / "run")] == ["step_0000001"]
+    assert not list((tmp_path / "run" / dckpt.SUBDIR).glob(".tmp-*"))
