@@ -4,9 +4,9 @@ The model knows nothing about distribution (torchtitan habit): :func:`init` read
 ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), and :func:`wrap` returns
 the model to train -- the model itself on one process, DDP across processes, or, when
 ``train.parallel=fsdp``, the model sharded by :mod:`ultramem.distributed.parallelize` (memory
-tables split over ``train.memory_parallel`` ranks, FSDP2 per block for the rest). The trainer's
-checkpoints hold full (unsharded) tensors either way (:mod:`ultramem.checkpoint`);
-:mod:`ultramem.distributed.checkpoint` writes sharded DCP checkpoints that reshard.
+tables split over ``train.memory_parallel`` ranks, FSDP2 per block for the rest). The trainer
+checkpoints a sharded model through :mod:`ultramem.distributed.checkpoint` (DCP: each rank
+writes its shards; reshards on load) and an unsharded one as full weights (:mod:`ultramem.checkpoint`).
 
     torchrun --nproc_per_node 2 -m ultramem.cli train --preset tiny-dense --out runs/x
 """
