@@ -134,3 +134,17 @@ def test_overlap_matches_one_stream(one_rank_nccl, preset, partition, dtype):
     assert outs[1][1].keys() == outs[0][1].keys()
     for name in outs[0][1]:
         torch.testing.assert_close(outs[1][1][name], outs[0][1][name], **tol, msg=name)
+
+
+@pytest.mark.distributed
+def test_root_unit_stays_gathered_after_forward(one_rank_group):
+    """The root FSDP unit (embedding, tied head) keeps its gathered parameters after forward:
+    the model returns a ModelOutput, on which FSDP2 cannot hook the re-gather for backward, so
+    a resharded root leaves the tied head's backward reading freed storage (seen on CUDA)."""
+    cfg, model = _build("tiny-ultramem")
+    parallelize(model, make_mesh(1), partition="row")
+    x, y = workers.batch(cfg, 0, 1)
+    model(x, y)
+    group = model._get_fsdp_state()._fsdp_param_group
+    sizes = {fp._param_fqn: fp._unsharded_param.untyped_storage().size() for fp in group.fsdp_params}
+    assert "embed_tokens.weight" in sizes and all(n > 0 for n in sizes.values()), sizes

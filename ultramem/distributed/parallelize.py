@@ -207,7 +207,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
             if any(p not in sharded for p in layer.parameters()):
                 fully_shard(layer, ignored_params=sharded, **{**kw, "reshard_after_forward": (
                     reshard_after_forward and overlap is False)})
-        fully_shard(model, ignored_params=sharded, **kw)
+        # The root unit (embedding, tied head, final norm) never reshards after forward: backward
+        # needs it at once, and FSDP2 re-gathers a resharded unit from hooks on its forward's
+        # output tensors, which it cannot find inside the ModelOutput dataclass (torch 2.11 on CUDA:
+        # "storage of size 0" in the tied head's backward). FSDP2's own default for the root.
+        fully_shard(model, ignored_params=sharded, **{**kw, "reshard_after_forward": False})
     overlapped = 0
     if overlap is not False:
         overlapped = overlap_memory(model, None if overlap is True else overlap)
