@@ -1,8 +1,10 @@
 """Launch the scenarios of ``workers.py`` as ``world`` gloo processes on CPU (a file store, no
-ports), and the tiny configs they share with the in-process side of the tests."""
+ports), and the trainer under ``torchrun`` (:func:`torchrun`, with the small training
+overrides the trainer tests share)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +44,26 @@ def launch(scenario: str, world: int, tmp: Path, *args: str, timeout: float = 30
 def assert_ok(results: list[tuple[int, str]]) -> None:
     for rank, (rc, log) in enumerate(results):
         assert rc == 0, f"rank {rank} exited {rc}:\n{log[-4000:]}"
+
+
+def trainer_overrides(data: Path, **extra) -> list[str]:
+    """``key=value`` overrides of a 4-step CPU run on the prepared corpus slice ``data``."""
+    base = {"data.path": str(data), "data.seq_len": 32, "train.batch_size": 4, "train.max_steps": 4,
+            "train.lr": 3e-3, "train.warmup_frac": 0.1, "train.eval_every": 0, "train.eval_batches": 2,
+            "train.ckpt_every": 0, "train.device": "cpu", **extra}
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def losses(run: Path) -> list[float]:
+    """The training losses of ``run/metrics.jsonl``, one per step."""
+    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(preset: str | None, out: Path, overrides: list[str], *flags: str, nproc: int = 2) -> None:
+    """``ultramem train`` on ``nproc`` gloo processes (``torchrun --standalone``); asserts it succeeded."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           "-m", "ultramem.cli", "train", *(["--preset", preset] if preset else []), "--out", str(out),
+           "--no-progress", *flags, *overrides]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]

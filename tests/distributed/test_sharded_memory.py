@@ -1,8 +1,10 @@
 """Memory tables sharded over gloo processes compute what one process computes
 (ultramem.distributed: sharded_lookup, volume, parallelize, checkpoint).
 
-2-process tests run in CI; the 4-process ones (mesh mp=2 x dp=2, and mp=4) are marked
-``slow`` and run with ``pytest -m slow tests/distributed`` (docs/distributed.md §7)."""
+2-process tests run in CI, and one 4-process launch (``test_four_processes``: the op with its
+bytes, the first step on the 2 x 2 mesh, a 2 x 2 -> mp=4 -> one-process reshard); the
+exhaustive 4-process ones (every preset x partition, five steps, on mp=2 x dp=2 and mp=4) are
+``slow``: ``pytest -m slow tests/distributed`` (docs/distributed.md §7)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,23 @@ def test_sharded_lookup_op(tmp_path, world):
                                       pytest.param(4, 4, marks=pytest.mark.slow)])
 def test_parallelized_model_matches_one_process(tmp_path, world, mp):
     assert_ok(launch("model", world, tmp_path, str(mp), timeout=600))
+
+
+def test_pkm_and_memory_plus_tables_sharded(tmp_path):
+    """PKM's value table and Memory+'s shared one, row- and column-wise over 2 ranks: first
+    step (logits, every gradient) and five steps as one process (PKM with LayerNorm queries:
+    its BatchNorm ones use per-rank batch statistics, workers.VARIANTS)."""
+    assert_ok(launch("model", 2, tmp_path, "2", "tiny-pkm-layernorm", "tiny-memory-plus", timeout=600))
+
+
+def test_four_processes(tmp_path):
+    """One gloo launch of 4 ranks (scenario_quad): forward + every gradient = one process, bytes =
+    formulas, and a checkpoint resharded 2 x 2 -> mp=4; then 4 -> 1 here: same logits."""
+    assert_ok(launch("quad", 4, tmp_path))
+    cfg, model = workers.build("tiny-ultramem-v2")
+    assert dckpt.load(dckpt.latest_checkpoint(tmp_path / "run"), model)["tokens"] == 7
+    torch.testing.assert_close(workers.full_logits(model, workers.batch(cfg, 99, 4)[0], 0, 1),
+                               torch.load(tmp_path / "expect.pt")["logits"], **workers.TOL)
 
 
 @pytest.mark.parametrize("preset,partition", [("tiny-ultramem", "row"), ("tiny-ultramem-v2", "col")])
@@ -118,3 +137,16 @@ def test_bad_settings_are_one_line_config_errors(tmp_path):
             parallelize(model, make_mesh(1), partition={"memory.9.values": "row"})
     finally:
         dist.destroy_process_group()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """As the full-weight checkpoints: a NaN weight is refused, nothing written or rotated."""
+    cfg, model = workers.build("tiny-ultramem")
+    dckpt.save(tmp_path / "run", 1, model)
+    with torch.no_grad():
+        model.memory[0].values[3, 1] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refusing to save step 2: non-finite weights \(memory.0.values\); "
+                                              r"the last good checkpoint is kept: .*step_0000001"):
+        dckpt.save(tmp_path / "run", 2, model, keep_last=1)
+    assert [p.name for p in dckpt.list_checkpoints(tmp_path / "run")] == ["step_0000001"]
+    assert not list((tmp_path / "run" / dckpt.SUBDIR).glob(".tmp-*"))

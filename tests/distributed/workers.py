@@ -29,9 +29,18 @@ SEQ, ROWS = 16, 2  # tokens per sequence, sequences per rank
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
+# Presets with a memory switch changed. PKM's default BatchNorm query norm normalises with each
+# rank's own batch statistics under data parallelism (DDP too), so no multi-process run equals
+# one process with it; the table sharding is compared with LayerNorm queries.
+VARIANTS = {"tiny-pkm-layernorm": ("tiny-pkm", {"query_norm": "layernorm"})}
+
+
 # ---- shared with the in-process tests ---------------------------------------------------------
 def build(preset: str) -> tuple[Config, Transformer]:
+    preset, memory = VARIANTS.get(preset, (preset, {}))
     cfg = get_preset(preset)
+    for k, v in memory.items():
+        setattr(cfg.model.memory, k, v)
     cfg.train.max_steps, cfg.train.warmup_frac = 8, 0.25
     torch.manual_seed(0)
     return cfg, Transformer.build(cfg.model)
@@ -162,36 +171,43 @@ def scenario_op(rank: int, world: int, tmp: Path, *args: str) -> None:
                 assert abs(got[key] - want[key]) < 1e-6, f"{where} {key}: {got[key]} bytes, formula {want[key]}"
 
 
-def scenario_model(rank: int, world: int, tmp: Path, mp: str) -> None:
-    """parallelize() on the tiny UltraMem and V2 presets, both partitions: logits, loss and
-    every gradient of the first step equal one process on the global batch; then five steps
-    give the same losses."""
+def first_step_matches(preset: str, partition: str, mesh, rank: int, world: int):
+    """parallelize() ``preset`` with ``partition`` on ``mesh``: logits, loss and every gradient of
+    one step equal one process on the global batch. Returns (config, reference, sharded model),
+    gradients cleared."""
+    cfg, ref = build(preset)
+    model = copy.deepcopy(ref)
+    plan = parallelize(model, mesh, partition=partition)
+    assert set(plan.partitions().values()) == {partition}, plan.partitions()
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+
+    assert all(isinstance(b, FSDPModule) for b in model.blocks), "FSDP units: model.blocks[i]"
+    where = f"{preset}/{partition}/mp={mesh['mp'].size()}"
+    x, y = batch(cfg, 0, world)
+    out_ref = ref(x, y)
+    total_loss(out_ref).backward()
+    out = model(rows(x, rank), rows(y, rank))
+    total_loss(out).backward()
+    torch.testing.assert_close(out.logits, rows(out_ref.logits, rank), **TOL, msg=where)
+    torch.testing.assert_close(mean_over_ranks(out.loss), out_ref.loss.detach(), **TOL, msg=where)
+    named = dict(model.named_parameters())
+    assert set(named) == {n for n, _ in ref.named_parameters()}, where
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(_full(named[name].grad), p.grad, rtol=1e-4, atol=1e-6, msg=f"{where} grad {name}")
+    ref.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    return cfg, ref, model
+
+
+def scenario_model(rank: int, world: int, tmp: Path, mp: str, *presets: str) -> None:
+    """parallelize() on ``presets`` (default: the tiny UltraMem and V2), both partitions: logits,
+    loss and every gradient of the first step equal one process on the global batch; then five
+    steps give the same losses."""
     mesh = make_mesh(int(mp))
-    for preset in ("tiny-ultramem", "tiny-ultramem-v2"):
+    for preset in presets or ("tiny-ultramem", "tiny-ultramem-v2"):
         for partition in ("row", "col"):
-            cfg, ref = build(preset)
-            model = copy.deepcopy(ref)
-            plan = parallelize(model, mesh, partition=partition)
-            assert set(plan.partitions().values()) == {partition}, plan.partitions()
-            from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
-
-            assert all(isinstance(b, FSDPModule) for b in model.blocks), "FSDP units: model.blocks[i]"
+            cfg, ref, model = first_step_matches(preset, partition, mesh, rank, world)
             where = f"{preset}/{partition}/mp={mp}"
-            x, y = batch(cfg, 0, world)
-            out_ref = ref(x, y)
-            total_loss(out_ref).backward()
-            out = model(rows(x, rank), rows(y, rank))
-            total_loss(out).backward()
-            torch.testing.assert_close(out.logits, rows(out_ref.logits, rank), **TOL, msg=where)
-            torch.testing.assert_close(mean_over_ranks(out.loss), out_ref.loss.detach(), **TOL, msg=where)
-            named = dict(model.named_parameters())
-            assert set(named) == {n for n, _ in ref.named_parameters()}, where
-            for name, p in ref.named_parameters():
-                q = named[name]
-                torch.testing.assert_close(_full(q.grad), p.grad, rtol=1e-4, atol=1e-6, msg=f"{where} grad {name}")
-            ref.zero_grad(set_to_none=True)
-            model.zero_grad(set_to_none=True)
-
             (g1, o1), (g2, o2) = optimizer(cfg, ref), optimizer(cfg, model)
             for step in range(5):
                 x, y = batch(cfg, step, world)
@@ -202,6 +218,29 @@ def scenario_model(rank: int, world: int, tmp: Path, mp: str) -> None:
             for name, p in ref.named_parameters():
                 torch.testing.assert_close(_full(named[name].detach()), p.detach(), rtol=1e-4, atol=1e-5,
                                            msg=f"{where} weight {name} after 5 steps")
+
+
+def scenario_quad(rank: int, world: int, tmp: Path) -> None:
+    """The 4-process checks of the default suite, in one process group: the op (outputs, every
+    gradient, bytes = formulas; both partitions, both call kinds), the first step of each preset
+    on the 2 x 2 mesh (UltraMem row-wise, V2's shared pool column-wise), and a reshard: a
+    checkpoint saved on the 2 x 2 mesh (pool column-wise over 2 ranks) loads into a pool split
+    row-wise over all four with the same logits; rank 0 writes them for the one-process side."""
+    scenario_op(rank, world, tmp)
+    mesh = make_mesh(2)
+    first_step_matches("tiny-ultramem", "row", mesh, rank, world)
+    cfg, _, model = first_step_matches("tiny-ultramem-v2", "col", mesh, rank, world)
+    groups, opt = optimizer(cfg, model)
+    x, y = batch(cfg, 0, world)
+    train_step(cfg, model, groups, opt, 0, rows(x, rank), rows(y, rank))
+    dckpt.save(tmp / "run", 1, model, opt, {"tokens": 7})
+    logits = full_logits(model, batch(cfg, 99, world)[0], rank, world)
+    _, other = build("tiny-ultramem-v2")
+    parallelize(other, make_mesh(4), partition="row")
+    assert dckpt.load(dckpt.latest_checkpoint(tmp / "run"), other)["tokens"] == 7
+    torch.testing.assert_close(full_logits(other, batch(cfg, 99, world)[0], rank, world), logits, **TOL)
+    if rank == 0:
+        torch.save({"logits": logits}, tmp / "expect.pt")
 
 
 def scenario_save(rank: int, world: int, tmp: Path, preset: str, mp: str, partition: str) -> None:

@@ -4,9 +4,9 @@ The model knows nothing about distribution (torchtitan habit): :func:`init` read
 ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), and :func:`wrap` returns
 the model to train -- the model itself on one process, DDP across processes, or, when
 ``train.parallel=fsdp``, the model sharded by :mod:`ultramem.distributed.parallelize` (memory
-tables split over ``train.memory_parallel`` ranks, FSDP2 per block for the rest). The trainer's
-checkpoints hold full (unsharded) tensors either way (:mod:`ultramem.checkpoint`);
-:mod:`ultramem.distributed.checkpoint` writes sharded DCP checkpoints that reshard.
+tables split over ``train.memory_parallel`` ranks, FSDP2 per block for the rest). The trainer
+checkpoints a sharded model through :mod:`ultramem.distributed.checkpoint` (DCP: each rank
+writes its shards; reshards on load) and an unsharded one as full weights (:mod:`ultramem.checkpoint`).
 
     torchrun --nproc_per_node 2 -m ultramem.cli train --preset tiny-dense --out runs/x
 """
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ultramem.errors import ConfigError
+from ultramem.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,30 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimiser state dict (as :func:`full_state_dicts` wrote it)."""
+    """Load a full optimiser state dict: keyed by parameter name (as :func:`full_state_dicts`
+    writes it for a sharded model) or by position (``optimizer.state_dict()``, one process)."""
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # noqa: PLC0415
 
+    if any(isinstance(k, int) for k in state.get("state", {})) or any(
+            isinstance(i, int) for g in state.get("param_groups", []) for i in g["params"]):
+        state = _keyed_by_name(model, optimizer, state)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A positional optimiser state dict (a one-process checkpoint resumed sharded) keyed by
+    parameter name instead: position ``i`` is the ``i``-th parameter of ``optimizer``'s groups,
+    the order ``optimizer.load_state_dict`` assumes too (same config, same groups)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if len(order) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise CheckpointError(f"the checkpoint's optimiser state has {sum(len(g['params']) for g in state['param_groups'])} "
+                              f"parameters, the model {len(order)}; was the config changed?")
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:

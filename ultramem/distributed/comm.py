@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +65,29 @@ def _row_bytes(x: torch.Tensor) -> int:
     return x[0].numel() * x.element_size() if x.shape[0] else 0
 
 
+# ---- one autograd function for every collective ------------------------------------------------
+Collective = Callable[[torch.Tensor, str, str], torch.Tensor]  # (x, name, phase) -> result
+
+
+class _Differentiable(torch.autograd.Function):
+    """``forward(x)`` runs ``fwd``; ``backward(grad)`` runs ``bwd``, the transposed collective."""
+
+    @staticmethod
+    def forward(ctx, x, name, fwd, bwd):
+        ctx.name, ctx.bwd = name, bwd
+        return fwd(x, name, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.bwd(grad, ctx.name, "backward"), None, None, None
+
+
+def _differentiable(x: torch.Tensor, name: str, fwd: Collective, bwd: Collective) -> torch.Tensor:
+    if x.requires_grad:
+        return _Differentiable.apply(x, name, fwd, bwd)
+    return fwd(x, name, "forward")
+
+
 # ---- all-to-all ---------------------------------------------------------------------------------
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
          name: str, phase: str) -> torch.Tensor:
@@ -77,24 +100,12 @@ def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: di
     return out
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, name):
-        ctx.splits, ctx.group, ctx.name = (out_splits, in_splits), group, name
-        return _a2a(x, out_splits, in_splits, group, name, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.name, "backward"), None, None, None, None
-
-
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
                group: dist.ProcessGroup, name: str) -> torch.Tensor:
-    """Differentiable ``all_to_all_single`` along dim 0 (see :func:`_a2a`)."""
-    if x.requires_grad:
-        return _AllToAll.apply(x, out_splits, in_splits, group, name)
-    return _a2a(x, out_splits, in_splits, group, name, "forward")
+    """Differentiable ``all_to_all_single`` along dim 0 (see :func:`_a2a`); backward: the
+    all-to-all with the splits swapped."""
+    return _differentiable(x, name, lambda t, nm, ph: _a2a(t, out_splits, in_splits, group, nm, ph),
+                           lambda t, nm, ph: _a2a(t, in_splits, out_splits, group, nm, ph))
 
 
 def exchange_counts(counts: torch.Tensor, group: dist.ProcessGroup, name: str) -> torch.Tensor:
@@ -122,23 +133,11 @@ def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, name: str, phase:
     return got.view(m, t, *x.shape[1:]).sum(0)
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, name):
-        ctx.group, ctx.name = group, name
-        return _gather(x, group, name, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, ctx.name, "backward"), None, None
-
-
 def all_gather(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> torch.Tensor:
     """Differentiable all-gather along dim 0: ``[T, ...]`` -> ``[M * T, ...]`` (rank order);
-    every rank must pass the same shape."""
-    if x.requires_grad:
-        return _AllGather.apply(x, group, name)
-    return _gather(x, group, name, "forward")
+    every rank must pass the same shape. Backward: the reduce-scatter."""
+    return _differentiable(x, name, lambda t, nm, ph: _gather(t, group, nm, ph),
+                           lambda t, nm, ph: _reduce_scatter(t, group, nm, ph))
 
 
 # ---- all-reduce ---------------------------------------------------------------------------------
@@ -150,20 +149,8 @@ def _reduce(x: torch.Tensor, group: dist.ProcessGroup, name: str, phase: str) ->
     return out
 
 
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, name):
-        ctx.group, ctx.name = group, name
-        return _reduce(x, group, name, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        # every rank uses the sum; d loss / d x on each rank is the sum of those uses
-        return _reduce(grad, ctx.group, ctx.name, "backward"), None, None
-
-
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> torch.Tensor:
-    """Differentiable sum over the ranks of ``group`` (out of place)."""
-    if x.requires_grad:
-        return _AllReduce.apply(x, group, name)
-    return _reduce(x, group, name, "forward")
+    """Differentiable sum over the ranks of ``group`` (out of place). Backward: the same sum
+    (every rank uses the sum, so d loss / d x on each rank is the sum of those uses)."""
+    fn = lambda t, nm, ph: _reduce(t, group, nm, ph)  # noqa: E731
+    return _differentiable(x, name, fn, fn)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from ultramem.distributed.overlap import Streams, overlap_memory
 from ultramem.distributed.sharded_lookup import PARTITIONS, ShardedLookup, _core_slice
 from ultramem.distributed.volume import LookupShape, choose_partition
 from ultramem.errors import ConfigError
@@ -65,6 +66,7 @@ class Table:
 class ParallelPlan:
     mesh: DeviceMesh
     tables: list[Table]
+    overlapped: int = 0  # memory layers on the side stream (overlap=...)
 
     def partitions(self) -> dict[str, str]:
         return {t.name: t.partition for t in self.tables}
@@ -147,12 +149,14 @@ def _average_over_world(param: nn.Parameter, mesh: DeviceMesh) -> None:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, str] = "auto",
-                fsdp: bool = True, reshard_after_forward: bool = True, overlap: bool = False) -> ParallelPlan:
+                fsdp: bool = True, reshard_after_forward: bool = True,
+                overlap: bool | Streams = False) -> ParallelPlan:
     """Shard ``model`` (built and initialised, identical on every rank) in place; returns the plan.
 
     ``partition``: ``"auto"`` (fewest bytes, :func:`~ultramem.distributed.volume.choose_partition`),
     ``"row"``, ``"col"``, or ``{table FQN: "row" | "col"}`` (unlisted tables: auto).
-    ``overlap``: memory layers on a side stream (:mod:`ultramem.distributed.overlap`; GPU only)."""
+    ``overlap``: memory layers on a side stream (:mod:`ultramem.distributed.overlap`; ``True``:
+    CUDA streams on a CUDA model, nothing elsewhere; a :class:`Streams`: those)."""
     if tuple(mesh.mesh_dim_names or ()) != ("mp", "dp"):
         raise ConfigError(f"parallelize needs the ('mp', 'dp') mesh of make_mesh, got {mesh.mesh_dim_names}")
     mp_mesh = mesh["mp"]
@@ -202,11 +206,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
         for layer in getattr(model, "memory", []):
             if any(p not in sharded for p in layer.parameters()):
                 fully_shard(layer, ignored_params=sharded, **{**kw, "reshard_after_forward": (
-                    reshard_after_forward and not overlap)})
-        fully_shard(model, ignored_params=sharded, **kw)
-    if overlap:
-        from ultramem.distributed.overlap import overlap_memory  # noqa: PLC0415
-
-        overlap_memory(model)
-    return ParallelPlan(mesh, plan_tables)
+                    reshard_after_forward and overlap is False)})
+        # The root unit (embedding, tied head, final norm) never reshards after forward: backward
+        # needs it at once, and FSDP2 re-gathers a resharded unit from hooks on its forward's
+        # output tensors, which it cannot find inside the ModelOutput dataclass (torch 2.11 on CUDA:
+        # "storage of size 0" in the tied head's backward). FSDP2's own default for the root.
+        fully_shard(model, ignored_params=sharded, **{**kw, "reshard_after_forward": False})
+    overlapped = 0
+    if overlap is not False:
+        overlapped = overlap_memory(model, None if overlap is True else overlap)
+    return ParallelPlan(mesh, plan_tables, overlapped)
 

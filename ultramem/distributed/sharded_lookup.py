@@ -44,12 +44,14 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
 class ShardedLookup:
     """A drop-in for ``lookup_reduce`` (same arguments) on tables sharded over ``group``.
 
-    ``values`` / ``pre_values`` are the sharded parameters (DTensors, or local shards)."""
+    ``values`` / ``pre_values`` are the sharded parameters (DTensors, or local shards). On a
+    one-rank group the table is whole and the op is plain ``lookup_reduce``, unless
+    ``always_communicate`` (the GPU overlap test and benchmark run the collectives on one device)."""
 
-    def __init__(self, partition: str, group: dist.ProcessGroup) -> None:
+    def __init__(self, partition: str, group: dist.ProcessGroup, always_communicate: bool = False) -> None:
         if partition not in PARTITIONS:
             raise ConfigError(f"partition={partition!r}; allowed: {', '.join(PARTITIONS)}")
-        self.partition, self.group = partition, group
+        self.partition, self.group, self.always_communicate = partition, group, always_communicate
 
     def __repr__(self) -> str:
         return f"ShardedLookup({self.partition!r}, mp={dist.get_world_size(self.group)})"
@@ -60,7 +62,7 @@ class ShardedLookup:
             scores = scores.unsqueeze(-1)
         if block is None or num_blocks == 1:
             block, num_blocks = None, 1
-        if dist.get_world_size(self.group) == 1:  # tables whole on this rank (mp = 1)
+        if dist.get_world_size(self.group) == 1 and not self.always_communicate:  # tables whole here (mp = 1)
             return lookup_reduce(_local(values), idx, scores, block, num_blocks, _local(pre_values),
                                  pre_query, activation, impl)
         fn = rowwise_lookup if self.partition == "row" else columnwise_lookup

@@ -24,13 +24,15 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None) -> LoadedRun:
+    from ultramem.distributed import checkpoint as dckpt  # noqa: PLC0415 -- torch's DCP: ~1 s of start-up
+
     run_dir = Path(run_dir)
-    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    path = Path(checkpoint) if checkpoint else dckpt.latest_any(run_dir)  # full or DCP (sharded runs)
     if path is None:
-        raise CheckpointError(f"{run_dir}: no checkpoint (checkpoints/step_*/ with a manifest)")
+        raise CheckpointError(f"{run_dir}: no checkpoint (checkpoints/step_*/ or dcp/step_*/ with a manifest)")
     cfg = Config.from_dict(ckpt.read_config(path))
     model = Transformer.build(cfg.model, device)
-    state = ckpt.load_checkpoint(path, model)
+    state = dckpt.load_any(path, model)
     model.eval()
     tok_path = run_dir / "tokenizer.json"
     tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None

@@ -77,6 +77,8 @@ class SharedValues(nn.Module):
 class MemoryPlus(SparseLayer):
     """``[B, S, D] -> [B, S, D]``."""
 
+    lookup = staticmethod(lookup_reduce)  # the value-table op: the hook distributed.parallelize shards
+
     def __init__(self, cfg: MemoryPlusConfig, shape: ShapeContext, shared: SharedValues) -> None:
         super().__init__()
         self.cfg, self.n_layers, self.mem_index = cfg, shape.n_layers, shape.mem_index
@@ -106,7 +108,7 @@ class MemoryPlus(SparseLayer):
         scores, addr = scores[..., 0].contiguous(), addr.contiguous()  # scores were [T, H, m, 1]
         w = scores.float().softmax(-1)
         values = self.shared.values
-        pooled = lookup_reduce(values, addr.view(t, -1), w.view(t, -1).to(values.dtype), impl=self.cfg.impl)[:, 0]
+        pooled = self.lookup(values, addr.view(t, -1), w.view(t, -1).to(values.dtype), impl=self.cfg.impl)[:, 0]
         y = self.out_proj(pooled.to(x.dtype) * F.silu(self.gate_proj(flat)))
         if self.track_metrics:
             self.add_metric("score_mean", scores.float().mean())

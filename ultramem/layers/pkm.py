@@ -56,6 +56,8 @@ class PKMConfig(ProductKeyMemoryConfig):
 class PKM(SparseLayer):
     """``[B, S, D] -> [B, S, D]``: ``y = sum_j softmax(s)_j V[addr_j]`` summed over heads."""
 
+    lookup = staticmethod(lookup_reduce)  # the value-table op: the hook distributed.parallelize shards
+
     def __init__(self, cfg: PKMConfig, shape: ShapeContext) -> None:
         super().__init__()
         self.cfg = cfg
@@ -81,7 +83,7 @@ class PKM(SparseLayer):
         scores, addr = scores[..., 0].contiguous(), addr.contiguous()  # scores were [T, H, m, 1]
         w = scores.float().softmax(-1) if self.cfg.softmax else scores
         t = flat.shape[0]
-        out = lookup_reduce(self.values, addr.view(t, -1), w.view(t, -1).to(self.values.dtype), impl=self.cfg.impl)[:, 0]
+        out = self.lookup(self.values, addr.view(t, -1), w.view(t, -1).to(self.values.dtype), impl=self.cfg.impl)[:, 0]
         if self.out_proj is not None:
             out = self.out_proj(out.to(x.dtype))
         if self.track_metrics:

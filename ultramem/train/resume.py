@@ -6,6 +6,11 @@ the tokens seen, the RNG states (torch CPU/CUDA, Python) and the dataset's ident
 (with the differences) when the config changed in a field that affects the numbers, or when
 the dataset's bytes changed (re-prepared with other text). ``--force`` accepts both; weights
 whose shapes no longer fit the model are refused anyway (:func:`ultramem.checkpoint.load_model_weights`).
+
+Resuming at another world size is exact when the global batch is kept: ``train.batch_size``
+is per process, so it is compared as ``batch_size x processes`` (checkpoints record their
+world size); how the processes split the work (``train.parallel``, ``memory_parallel``,
+``memory_partition``) may change freely (rounding aside, the same numbers).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from ultramem.errors import ConfigError, DataError
 # the numbers computed)
 RESUME_SAFE = {"train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                "train.keep_last", "train.tensorboard", "train.peak_tflops", "train.checkpoint",
-               "train.spike_factor", "train.spike_window"}
+               "train.spike_factor", "train.spike_window",
+               "train.parallel", "train.memory_parallel", "train.memory_partition"}
+GLOBAL_BATCH = "train.batch_size x processes"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -35,16 +42,23 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def config_diff(old: dict[str, Any], new: dict[str, Any], old_world: int | None = None,
+                new_world: int = 1) -> list[str]:
+    """The fields that differ (outside :data:`RESUME_SAFE`); with ``old_world`` (the
+    checkpoint's world size) the batch is compared globally (:data:`GLOBAL_BATCH`)."""
     a, b = flatten(old), flatten(new)
+    if old_world is not None and "train.batch_size" in a and "train.batch_size" in b:
+        a[GLOBAL_BATCH], b[GLOBAL_BATCH] = a.pop("train.batch_size") * old_world, b.pop("train.batch_size") * new_world
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUME_SAFE]
 
 
 def check_resume(run_dir: Any, old_cfg: dict[str, Any], new_cfg: dict[str, Any],
-                 old_data: dict[str, Any] | None, new_data: dict[str, Any], force: bool) -> list[str]:
-    """Raise unless resuming ``old`` as ``new`` is exact (or forced); returns the forced changes."""
-    diff = config_diff(old_cfg, new_cfg)
+                 old_data: dict[str, Any] | None, new_data: dict[str, Any], force: bool,
+                 old_world: int | None = None, new_world: int = 1) -> list[str]:
+    """Raise unless resuming ``old`` (saved by ``old_world`` processes; None: not recorded)
+    as ``new`` on ``new_world`` is exact (or forced); returns the forced changes."""
+    diff = config_diff(old_cfg, new_cfg, old_world, new_world)
     if diff and not force:
         raise ConfigError(f"{run_dir} was trained with a different config; refusing to resume "
                           f"(pass --force to resume anyway, or use a new --out): " + "; ".join(diff))

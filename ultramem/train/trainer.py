@@ -34,6 +34,7 @@ from ultramem.accounting import count
 from ultramem.config import Config
 from ultramem.data.index import check_vocab, dataset_identity, load_index, verify_shards
 from ultramem.data.loader import TokenBatches
+from ultramem.distributed import checkpoint as dckpt
 from ultramem.errors import ConfigError
 from ultramem.eval.loss import autocast_ctx, bits_per_byte, evaluate_loss
 from ultramem.model.transformer import Transformer
@@ -129,13 +130,18 @@ def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: 
 
     torch.manual_seed(tc.seed)
     model = Transformer.build(cfg.model, d.device)
-    last = ckpt.latest_checkpoint(run_dir) if resume else None
-    step, tokens_seen, optim_state = _restore(cfg, run_dir, last, model, index, d, force)
+    last = dckpt.latest_any(run_dir) if resume else None
+    state, optim_state = _restore(cfg, run_dir, last, model, index, d, force)
     net = distributed.wrap(model, d, tc.parallel, tc.memory_parallel, tc.memory_partition)  # sharded params here,
     groups = build_param_groups(model, tc)  # so the optimiser is built after wrapping
     opt = make_optimizer(groups, tc, d.device.type)
     if optim_state is not None:
         distributed.load_optimizer_state(model, opt, optim_state)
+    elif last is not None:  # a DCP checkpoint: any saved sharding into this run's
+        dckpt.load(last, model, opt, verified=True)
+    if state is not None:
+        set_rng_state(state["rng"])
+    step, tokens_seen = (state["step"], state["tokens_seen"]) if state is not None else (0, 0)
     logger = MetricsLogger(run_dir, tc.tensorboard, enabled=d.is_main)
     if d.is_main:
         if last is None and (run_dir / "metrics.jsonl").exists():
@@ -158,19 +164,24 @@ def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: 
 
 
 def _restore(cfg: Config, run_dir: Path, last: Path | None, model: Transformer, index: dict[str, Any],
-             d: distributed.Dist, force: bool) -> tuple[int, int, dict[str, Any] | None]:
-    """Load checkpoint ``last`` (if any) into the unsharded model after the resume checks;
-    returns (step, tokens seen, optimiser state)."""
+             d: distributed.Dist, force: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The resume checks on checkpoint ``last`` (if any; saved at any world size); a full one's
+    weights are loaded here into the unsharded model (every rank loads it whole, before
+    sharding), a DCP one's after wrapping. Returns (trainer state, full optimiser state)."""
     if last is None:
-        return 0, 0, None
-    weights, optim_state, state = ckpt.read_checkpoint(last)
-    forced = check_resume(run_dir, ckpt.read_config(last), cfg.to_dict(), state.get("data"),
-                          dataset_identity(index), force)
-    ckpt.load_model_weights(model, weights, last)  # before sharding: every rank loads it whole
+        return None, None
+    if dckpt.is_dcp(last):
+        (state, old_cfg), weights, optim_state = dckpt.read_state(last), None, None
+    else:
+        weights, optim_state, state = ckpt.read_checkpoint(last)
+        old_cfg = ckpt.read_config(last)
+    forced = check_resume(run_dir, old_cfg or {}, cfg.to_dict(), state.get("data"), dataset_identity(index), force,
+                          old_world=state.get("world"), new_world=d.world)
+    if weights is not None:
+        ckpt.load_model_weights(model, weights, last)
     if forced and d.is_main:
         print(f"ultramem train: --force: resuming {last} despite: " + "; ".join(forced), file=sys.stderr)
-    set_rng_state(state["rng"])
-    return state["step"], state["tokens_seen"], optim_state
+    return state, optim_state
 
 
 def _loop(run: Run, stop_after: int | None, progress: bool) -> tuple[bool, int | None]:
@@ -232,7 +243,7 @@ def train_step(run: Run) -> dict[str, Any]:
     problem = run.guard.check(loss_val, float(grad_norm))
     if problem is not None:
         run.opt.zero_grad(set_to_none=True)
-        raise diverged(step + 1, problem, ckpt.latest_checkpoint(run.run_dir))
+        raise diverged(step + 1, problem, dckpt.latest_any(run.run_dir))
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     run.model.after_optimizer_step(step)
@@ -276,15 +287,23 @@ def run_eval(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> None:
-    """A checkpoint of the current step (collective when sharded; rank 0 writes)."""
+    """A checkpoint of the current step: DCP when the model is sharded (every rank writes its
+    shards), else full weights (rank 0 writes); both reload at any world size."""
     tc = run.cfg.train
     if not tc.checkpoint:
         return
-    model_sd, optim_sd = distributed.full_state_dicts(run.model, run.opt)
+    state = {"step": run.step, "tokens_seen": run.tokens_seen, "rng": rng_state(),
+             "data": dataset_identity(run.index), "world": run.d.world}
+    if distributed.is_sharded(run.model):
+        path = dckpt.save(run.run_dir, run.step, run.model, run.opt, state, tc.keep_last, run.cfg.to_dict())
+    else:
+        model_sd, optim_sd = distributed.full_state_dicts(run.model, run.opt)
+        path = None
+        if run.d.is_main:
+            path = ckpt.save_checkpoint(run.run_dir, run.step, model_sd, optim_sd, state, run.cfg.to_dict(),
+                                        tc.keep_last)
     if run.d.is_main:
-        state = {"step": run.step, "tokens_seen": run.tokens_seen, "rng": rng_state(),
-                 "data": dataset_identity(run.index)}
-        ckpt.save_checkpoint(run.run_dir, run.step, model_sd, optim_sd, state, run.cfg.to_dict(), tc.keep_last)
+        dckpt.prune_other_kind(run.run_dir, tc.keep_last, path)
     distributed.barrier(run.d)
 
 
