@@ -73,7 +73,7 @@ def ladder(rows: list[dict], path: Path, step: str = "1000") -> list[dict]:
     """Delta of each rung at ``step`` (the last step every rung reached) beside Table 2's."""
     at = [(r["model"], r["val_curve"][step]) for r in rows]
     table = []
-    for (prev, lp), (name, lo) in zip(at, at[1:]):
+    for (_, lp), (name, lo) in zip(at, at[1:]):
         table.append({"rung": name, "val_loss": lo, "delta": lo - lp, "paper_delta": PAPER_T2[name]})
     fig, ax = plt.subplots(figsize=(8, 4))
     x = range(len(table))
