@@ -42,10 +42,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ultramem.accounting import count
 from ultramem.config import Config
+from ultramem.data.tokenizer import default_tokenizer_path
 from ultramem.errors import ConfigError
+from ultramem.eval.cli import evaluate_run
+from ultramem.eval.loss import autocast_ctx
+from ultramem.eval.probes import run_probes
+from ultramem.inference.load import load_run
 from ultramem.resolve import load_config
+from ultramem.train.trainer import train
 
 ROOTS = tuple(dict.fromkeys((Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments")))
 
@@ -129,14 +137,6 @@ def run_after(run_dir: Path, after: dict[str, Any], summary: dict[str, Any]) -> 
         return {}
     if (prev := _read(path)) is not None and prev.get("step") == summary.get("step"):
         return prev
-    import torch  # noqa: PLC0415
-
-    from ultramem.data.tokenizer import default_tokenizer_path  # noqa: PLC0415
-    from ultramem.eval.cli import evaluate_run  # noqa: PLC0415
-    from ultramem.eval.loss import autocast_ctx  # noqa: PLC0415
-    from ultramem.eval.probes import run_probes  # noqa: PLC0415
-    from ultramem.inference.load import load_run  # noqa: PLC0415
-
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, Any] = {"step": summary.get("step")}
     if after.get("english"):
@@ -160,8 +160,6 @@ def run_after(run_dir: Path, after: dict[str, Any], summary: dict[str, Any]) -> 
 
 def _train_one(cfg: Config, run_dir: Path, after: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Train (or skip / resume) one run and evaluate it; the row fields it produces."""
-    from ultramem.train.trainer import train  # noqa: PLC0415 (torch-heavy; --list stays fast)
-
     fields: dict[str, Any] = {}
     summary = _finished(run_dir)
     if summary is None:

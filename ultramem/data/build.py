@@ -41,6 +41,7 @@ from ultramem.data.corpus import Document, read_source_tree
 from ultramem.data.prepare import prepare_documents
 from ultramem.data.tokenizer import Tokenizer, train_tokenizer
 from ultramem.errors import DataError
+from ultramem.eval.probes import training_documents
 
 
 def load_spec(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -103,8 +104,6 @@ def _source_docs(dirs: list[tuple[dict[str, str], Path, str | None]], record: di
 
 
 def _probe_docs(probes: dict[str, int]) -> list[Document]:
-    from ultramem.eval.probes import training_documents  # noqa: PLC0415 (imports torch)
-
     texts = training_documents(probes["people"], probes["bio_repeats"], probes["in_context"], probes.get("seed", 0))
     return [Document(f"probe:{i}", t, split="train") for i, t in enumerate(texts)]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ultramem.cli_args import positive_int
 from ultramem.config import DataConfig
+from ultramem.data.build import build
 from ultramem.data.corpus import EOT, Document, default_corpus, read_file, read_source_tree
 from ultramem.data.loader import unigram_entropy
 from ultramem.data.prepare import prepare_documents, prepare_npy
@@ -99,8 +100,6 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ultramem.data.build import build  # noqa: PLC0415 (the probe generators import torch)
-
     m = build(args.spec, args.out, args.train_tokenizer, args.write_manifest, progress=not args.no_progress)
     print(json.dumps({"out": args.out, "vocab_size": m["vocab_size"], **m["splits"]}))
     return 0
