@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ultramem.errors import ConfigError
-from ultramem.experiment import find_experiment, load_experiment, run_configs, run_experiment
+from ultramem.experiment import check_equal, find_experiment, load_experiment, run_configs, run_experiment
 
 COMMON = ["train.max_steps=3", "train.batch_size=2", "data.seq_len=32", "train.eval_every=0",
           "train.eval_batches=2", "train.device=cpu", "train.ckpt_every=0"]
@@ -70,7 +70,30 @@ def test_unknown_experiment_and_bad_specs_are_config_errors(tmp_path):
         run_configs({"runs": [{"name": "x", "preset": "tiny-dense", "overrides": ["train.lrr=1"]}]}, [])
 
 
-def test_committed_experiments_resolve():
-    for name in ("diagnosis", "diagnosis-warmup"):
+def test_committed_experiments_resolve_and_families_are_equal_size():
+    for name in ("diagnosis", "diagnosis-warmup", "v1-family", "v2-family", "ablation-ladder"):
         spec = load_experiment(find_experiment(name))
-        assert len(run_configs(spec, [])) == len(spec["runs"])
+        runs = run_configs(spec, [])
+        assert len(runs) == len(spec["runs"])
+        sizes = check_equal(spec, runs)  # raises when a family drifts beyond its 2 %
+        if name.endswith("family"):
+            assert "equal" in spec and len({round(v["params"], -7) for v in sizes.values()}) <= 2
+
+
+def test_parallel_jobs_with_after_run_probes(tmp_path, slice_data):
+    """--jobs: each run in its own worker process; results.json gets the after-run figures."""
+    spec = _spec(tmp_path, [{"name": "a", "preset": "tiny-dense"}, {"name": "b", "preset": "tiny-dense",
+                                                                   "overrides": ["train.seed=1"]}],
+                 after={"english": True, "english_batches": 1, "probes": {"people": 3, "n": 2, "seed": 0},
+                        "keep_checkpoints": False})
+    out = tmp_path / "out"
+    res = run_experiment(str(spec), out, [f"data.path={slice_data}", "train.checkpoint=true"], jobs=2)
+    on_disk = json.loads((out / "results.json").read_text())
+    for r in (res["runs"], on_disk["runs"]):
+        assert [x["status"] for x in r] == ["done", "done"]
+    for r in on_disk["runs"]:
+        assert r["val_loss_english"] > 0 and r["probes"]["knowledge_recall"]["n"] == 3 * 4
+        assert r["probes"]["icl"]["n"] == 2 and 0 <= r["probes"]["kv_retrieval"]["acc"] <= 1
+        assert (out / "runs" / f"{r['name']}.log").is_file()
+        assert not (out / "runs" / r["name"] / "checkpoints").exists()  # keep_checkpoints: false
+    assert on_disk["runs"][0]["val_loss"] != on_disk["runs"][1]["val_loss"]  # two seeds, two runs

@@ -18,21 +18,42 @@ so rerunning the command continues an interrupted experiment. ``DIR/results.json
 after every run (status, sizes from the accounting, validation loss and curve), so an
 interrupted experiment keeps what finished. A run that fails is recorded with its error and
 the next one starts; SIGINT/SIGTERM stop the experiment after the current run saves.
+
+``--jobs N`` trains up to N runs at once, each in its own process (``--worker``; its log in
+``DIR/runs/<name>.log``), which is how small models fill one GPU; the parent writes
+``results.json`` as each one ends. An optional ``"after"`` block evaluates each finished run::
+
+    "after": {"english": true, "english_batches": null,        # loss on the bundled English slice
+              "probes": {"people": 360, "n": 400, "seed": 0},  # ultramem.eval.probes.run_probes
+              "keep_checkpoints": false}                       # delete a finished run's checkpoints
+
+Its figures go to ``DIR/runs/<name>/after.json`` and into the run's row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ultramem.accounting import count
 from ultramem.config import Config
+from ultramem.data.tokenizer import default_tokenizer_path
 from ultramem.errors import ConfigError
+from ultramem.eval.cli import evaluate_run
+from ultramem.eval.loss import autocast_ctx
+from ultramem.eval.probes import run_probes
+from ultramem.inference.load import load_run
 from ultramem.resolve import load_config
+from ultramem.train.trainer import train
 
 ROOTS = tuple(dict.fromkeys((Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments")))
 
@@ -108,23 +129,75 @@ def _val_curve(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
 
 
-def run_experiment(name: str, out: str | Path, extra: list[str] = (), only: list[str] | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    from ultramem.train.trainer import train  # noqa: PLC0415 (torch-heavy; --list stays fast)
+def run_after(run_dir: Path, after: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The spec's ``after`` evaluations of one trained run (``after.json``, reused when it was
+    made at the same step)."""
+    path = run_dir / "after.json"
+    if not after:
+        return {}
+    if (prev := _read(path)) is not None and prev.get("step") == summary.get("step"):
+        return prev
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: dict[str, Any] = {"step": summary.get("step")}
+    if after.get("english"):
+        english = default_tokenizer_path().parent / "corpus_slice.txt"
+        out["val_loss_english"] = evaluate_run(str(run_dir), str(english), split="train", device=str(dev),
+                                               max_batches=after.get("english_batches"))["loss"]
+    if after.get("probes"):
+        pr = after["probes"]
+        loaded = load_run(run_dir, dev)
+        with autocast_ctx(dev, loaded.cfg.train.dtype):
+            out["probes"] = run_probes(loaded.model, loaded.tokenizer, pr["people"], pr["n"], pr.get("seed", 0), dev,
+                                       loaded.cfg.model.max_seq_len)
+        out["probes"]["knowledge_recall"]["bits_per_param"] = (
+            out["probes"]["knowledge_recall"]["bits"] / count(loaded.cfg.model).params)
+        del loaded
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    if not after.get("keep_checkpoints", True) and not summary.get("interrupted"):
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return out
 
+
+def _train_one(cfg: Config, run_dir: Path, after: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Train (or skip / resume) one run and evaluate it; the row fields it produces."""
+    fields: dict[str, Any] = {}
+    summary = _finished(run_dir)
+    if summary is None:
+        t0 = time.perf_counter()
+        summary = train(cfg, run_dir, progress=progress)
+        fields["wall_s"] = time.perf_counter() - t0
+    return {**fields, **_summary_fields(summary), **run_after(run_dir, after, summary)}
+
+
+def _summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "interrupted" if summary.get("interrupted") else "done", "step": summary.get("step"),
+            "tokens": summary.get("tokens_seen"), "val_loss": summary.get("val_loss"),
+            "val_bpb": summary.get("val_bpb"), "tokens_per_s": summary.get("tokens_per_s"),
+            "device": summary.get("device")}
+
+
+def run_experiment(name: str, out: str | Path, extra: list[str] = (), only: list[str] | None = None,
+                   progress: bool = True, jobs: int = 1, worker: bool = False) -> dict[str, Any]:
     path = find_experiment(name)
     spec = load_experiment(path)
     runs = run_configs(spec, list(extra))
     sizes = check_equal(spec, runs)
+    after = spec.get("after", {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    todo = [(r, cfg) for r, cfg in runs if not only or r["name"] in only]
+    if worker:  # one run, in a process of its own (--jobs); the parent keeps results.json
+        for r, cfg in todo:
+            _train_one(cfg, out / "runs" / r["name"], after, progress)
+        return {"runs": []}
     results: dict[str, Any] = {
         "experiment": path.stem, "description": spec.get("description", ""),
         "command": "ultramem experiment " + " ".join([path.stem, "--out", str(out), *extra]),
         "device": None, "runs": [],
     }
     rows = {r["name"]: {"name": r["name"], "preset": r.get("preset"), "family": r.get("family", ""),
-                        "status": "pending", **sizes[r["name"]]} for r, _ in runs}
+                        "overrides": r.get("overrides", []), "status": "pending", **sizes[r["name"]]}
+            for r, _ in runs}
 
     def write() -> None:
         results["runs"] = list(rows.values())
@@ -132,33 +205,72 @@ def run_experiment(name: str, out: str | Path, extra: list[str] = (), only: list
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(out / "results.json")
 
-    for r, cfg in runs:
-        if only and r["name"] not in only:
-            continue
-        run_dir = out / "runs" / r["name"]
-        row = rows[r["name"]]
-        summary = _finished(run_dir)
-        if summary is None:
-            row["status"] = "running"
-            write()
-            t0 = time.perf_counter()
-            try:
-                summary = train(cfg, run_dir, progress=progress)
-            except Exception as e:  # noqa: BLE001 -- record it, keep the other runs
-                row.update(status=f"failed: {type(e).__name__}: {e}", val_curve=_val_curve(run_dir))
-                write()
-                continue
-            row["wall_s"] = time.perf_counter() - t0
-        row.update(status="interrupted" if summary.get("interrupted") else "done",
-                   tokens=summary.get("tokens_seen"), val_loss=summary.get("val_loss"),
-                   val_bpb=summary.get("val_bpb"), tokens_per_s=summary.get("tokens_per_s"),
-                   val_curve=_val_curve(run_dir))
-        results["device"] = summary.get("device")
+    def record(name: str, fields: dict[str, Any]) -> None:
+        rows[name].update(fields, val_curve=_val_curve(out / "runs" / name))
+        results["device"] = fields.get("device") or results["device"]
         write()
-        if summary.get("interrupted"):
+
+    if jobs > 1:
+        _run_parallel(path, out, todo, extra, jobs, rows, record, write)
+        return results
+    for r, cfg in todo:
+        rows[r["name"]]["status"] = "running"
+        write()
+        try:
+            fields = _train_one(cfg, out / "runs" / r["name"], after, progress)
+        except Exception as e:  # noqa: BLE001 -- record it, keep the other runs
+            record(r["name"], {"status": f"failed: {type(e).__name__}: {e}"})
+            continue
+        record(r["name"], fields)
+        if fields["status"] == "interrupted":
             break
     write()
     return results
+
+
+def _run_parallel(path: Path, out: Path, todo: list, extra: list[str], jobs: int, rows: dict, record, write) -> None:
+    """Up to ``jobs`` runs at once, each ``ultramem experiment PATH --only NAME --worker``. A
+    signal (SIGINT/SIGTERM reach the workers too, as one process group) starts no more runs."""
+    stopping = []
+    old = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
+    pending, active = [r["name"] for r, _ in todo], {}
+    try:
+        while pending or active:
+            while pending and len(active) < jobs and not stopping:
+                name = pending.pop(0)
+                (out / "runs").mkdir(parents=True, exist_ok=True)
+                log = open(out / "runs" / f"{name}.log", "ab")  # noqa: SIM115 (closed when it ends)
+                cmd = [sys.executable, "-m", "ultramem.cli", "experiment", str(path), *extra, "--out", str(out),
+                       "--only", name, "--worker", "--no-progress"]
+                active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                rows[name]["status"] = "running"
+                write()
+            if stopping and not active:
+                break
+            time.sleep(1.0)
+            for name, (proc, log) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del active[name]
+                summary = _read(out / "runs" / name / "summary.json")
+                tail = (out / "runs" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+                why = f"exit {proc.returncode}: {' '.join(tail)[:300]}"
+                if summary is None:
+                    record(name, {"status": f"failed: {why}"})
+                    continue
+                fields = {**_summary_fields(summary), **(_read(out / "runs" / name / "after.json") or {})}
+                if proc.returncode != 0:  # trained, but the after-run evaluation did not finish
+                    fields["status"] += f"; after-run evaluation failed: {why}"
+                record(name, fields)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    write()
+
+
+def _read(p: Path) -> dict[str, Any] | None:
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,6 +280,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="*", default=None, help="run only these runs (by name)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. data.path=data/code")
     p.set_defaults(func=run)
 
@@ -180,7 +294,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.name or not args.out:
         raise ConfigError("ultramem experiment needs NAME and --out DIR (or --list)")
-    res = run_experiment(args.name, args.out, args.overrides, args.only, progress=not args.no_progress)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs={args.jobs}: must be >= 1")
+    res = run_experiment(args.name, args.out, args.overrides, args.only, progress=not args.no_progress,
+                         jobs=args.jobs, worker=args.worker)
     for row in res["runs"]:
         loss = f"{row['val_loss']:.4f}" if row.get("val_loss") is not None else "-"
         print(f"{row['name']:24s} {row['status']:12s} val {loss}", file=sys.stdout)

@@ -1,4 +1,4 @@
-"""Build docs/results/quality.json and the diagnosis figures from the diagnosis rounds.
+"""Build docs/results/quality/diagnosis-s4.json and the diagnosis figures from the diagnosis rounds.
 
     python benchmarks/explore/quality_report.py      # reads docs/results/quality/diag-*.json
 """
@@ -103,7 +103,7 @@ def main() -> None:
                          "The >= 100 M-token shared training set of issue 13 is not built yet."},
         "runs": runs,
     }
-    (RES / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (RES / "quality" / "diagnosis-s4.json").write_text(json.dumps(doc, indent=1) + "\n")
     plot_curves(RES / "quality-diagnosis.png")
     for r in runs:
         print(f"{r['round']:7s} {r['model']:16s} {r['val_loss']:.4f}  {r['label']}")

@@ -64,3 +64,38 @@ def test_score_runs_on_a_model():
     cfg = load_config(preset="tiny-dense")
     res = probes.score(Transformer.build(cfg.model), tok, probes.kv_retrieval(4))
     assert 0.0 <= res["acc"] <= 1.0 and res["n"] == 4
+
+
+def test_recall_prompts_are_the_training_phrasing_and_bits_count_correct_answers():
+    docs = probes.training_documents(12, bio_repeats=2, n_incontext=5, seed=3)
+    items = probes.biography_recall(12, seed=3)
+    assert len(items) == 12 * len(probes.BIO_RECALL)
+    bios = docs[: 2 * 12]
+    for it in items:  # prompt + answer is verbatim in some training statement of that person
+        assert any(it.prompt + it.answer in d for d in bios), it
+    assert len(docs) == 2 * 12 + 5 + 5 + 5
+    ok = [False] * len(items)
+    assert probes.knowledge_bits(items, ok) == 0
+    ok[0] = ok[1] = True  # the first person's year (100 values) and city (10)
+    assert probes.knowledge_bits(items, ok) == pytest.approx(probes.math.log2(100) + probes.math.log2(10))
+    # the scored in-context items are not among the training examples
+    scored = {it.prompt for it in probes.kv_retrieval(5) + probes.icl(5)}
+    assert not scored & {d.rsplit(" ", 1)[0] for d in docs}
+
+
+def test_long_prompts_keep_their_last_tokens_within_max_len():
+    seen = []
+
+    class Echo(torch.nn.Module):
+        def forward(self, ids):
+            seen.append(ids.shape[1])
+            return type("O", (), {"logits": torch.zeros(1, ids.shape[1], 50)})()
+
+    class Tok:
+        def encode(self, s):
+            return [len(w) % 50 for w in s.split()]
+
+    items = [probes.Item("a " * 40, " bb cc")]
+    probes.score_items(Echo(), Tok(), items, max_len=16)
+    probes.score_items(Echo(), Tok(), items)
+    assert seen == [16, 42]

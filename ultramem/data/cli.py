@@ -4,6 +4,7 @@
     ultramem data prepare --out data/mine --input docs.jsonl notes.txt [--text-field body]
     ultramem data prepare --out data/code --source-dir path/to/site-packages
     ultramem data prepare --out data/olmo --npy part-0.npy part-1.npy --vocab-size 50280
+    ultramem data build --spec experiments/data/code.json --out data/code   # ultramem.data.build
     ultramem data tokenizer --vocab-size 8192 --out ultramem/assets/tokenizer.json
     ultramem data slice --out ultramem/assets/corpus_slice.txt
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ultramem.cli_args import positive_int
 from ultramem.config import DataConfig
+from ultramem.data.build import build
 from ultramem.data.corpus import EOT, Document, default_corpus, read_file, read_source_tree
 from ultramem.data.loader import unigram_entropy
 from ultramem.data.prepare import prepare_documents, prepare_npy
@@ -47,6 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--entropy", action="store_true", help="also print the unigram entropy")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=run_prepare)
+
+    bld = dsub.add_parser("build", help="rebuild a dataset from a committed spec; checked against its manifest")
+    bld.add_argument("--spec", required=True, help="spec JSON (e.g. experiments/data/code.json)")
+    bld.add_argument("--out", required=True, help="output directory")
+    bld.add_argument("--train-tokenizer", action="store_true", help="train the spec's tokenizer when it is missing")
+    bld.add_argument("--write-manifest", action="store_true", help="record this build as the spec's manifest")
+    bld.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bld.set_defaults(func=run_build)
 
     tok = dsub.add_parser("tokenizer", help="train the byte-level BPE on the default corpus")
     tok.add_argument("--out", required=True)
@@ -86,6 +96,12 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(json.dumps({"out": args.out, "vocab_size": index["vocab_size"], "dtype": index["dtype"], **summary}))
     if args.entropy:
         print(f"unigram entropy of the train split: {unigram_entropy(args.out):.4f} nats/token")
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    m = build(args.spec, args.out, args.train_tokenizer, args.write_manifest, progress=not args.no_progress)
+    print(json.dumps({"out": args.out, "vocab_size": m["vocab_size"], **m["splits"]}))
     return 0
 
 

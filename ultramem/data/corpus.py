@@ -35,6 +35,7 @@ MIN_PSEUDO_DOC_CHARS = 4096  # a .txt without separators is cut at blank lines i
 class Document:
     doc_id: str  # "source:path[:n]" -- for messages and the index, not for the split
     text: str
+    split: str | None = None  # "train" / "val" forces the split (synthetic probe data); None: by hash
 
 
 # --------------------------------------------------------------------------- default corpus

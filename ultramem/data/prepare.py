@@ -153,7 +153,7 @@ def _write_shards(docs: Iterable[Document], tmp: Path, tok: Tokenizer, val_fract
 
     def flush(batch: list[Document]) -> None:
         for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch])):
-            split = "val" if is_val(doc.text, val_fraction) else "train"
+            split = doc.split or ("val" if is_val(doc.text, val_fraction) else "train")
             writers[split].add(ids, tok.eot_id, len(doc.text.encode("utf-8")))
 
     batch: list[Document] = []

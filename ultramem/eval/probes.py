@@ -68,6 +68,48 @@ def biographies(n_people: int, seed: int = 0) -> list[Item]:
     return [Item(BIO_QUESTIONS[k].format(**p), " " + p[k]) for p in people for k in BIO_QUESTIONS]
 
 
+# Prompts cut from BIO_TEMPLATES[0] just before an attribute: recall in the training phrasing.
+BIO_RECALL = {"year": "{name} was born in", "city": "{name} was born in {year} in",
+              "job": "{name} was born in {year} in {city}. {name} worked as a",
+              "colour": "{name}'s favourite colour was"}
+# log2 of the number of values each attribute is drawn from (uniformly): bits per correct answer.
+BIO_BITS = {"year": math.log2(100), "city": math.log2(len(CITIES)), "job": math.log2(len(JOBS)),
+            "colour": math.log2(len(COLOURS))}
+
+
+def biography_recall(n_people: int, seed: int = 0) -> list[Item]:
+    """One item per person and attribute, prompted with the first paraphrase's own words (what
+    a model that stored the fact completes); :func:`biographies` asks the same in question form."""
+    people = _people(n_people, random.Random(seed))
+    return [Item(BIO_RECALL[k].format(**p), " " + p[k]) for p in people for k in BIO_RECALL]
+
+
+def knowledge_bits(items: list[Item], correct: list[bool]) -> float:
+    """Bits stored, counting ``log2(#values)`` for each correctly recalled attribute of
+    :func:`biography_recall` (no chance correction: an upper estimate at low accuracy)."""
+    keys = list(BIO_RECALL) * (len(items) // len(BIO_RECALL))
+    return sum(BIO_BITS[k] for k, ok in zip(keys, correct) if ok)
+
+
+def training_documents(n_people: int, bio_repeats: int, n_incontext: int, seed: int = 0) -> list[str]:
+    """Probe text to mix into training: every biography ``bio_repeats`` times (paraphrases in a
+    fresh order each time) and ``n_incontext`` examples each of the in-context tasks drawn from
+    other seeds than the scored items (the formats are learnt, the scored contexts are new)."""
+    rng = random.Random(seed + 7)
+    people = _people(n_people, random.Random(seed))
+    docs = []
+    for _ in range(bio_repeats):
+        for p in people:
+            order = rng.sample(BIO_TEMPLATES, len(BIO_TEMPLATES))
+            docs.append(" ".join(t.format(**p) for t in order))
+    train_seed = seed + 1000
+    for it in kv_retrieval(n_incontext, seed=train_seed) + icl(n_incontext, seed=train_seed):
+        docs.append(it.prompt + it.answer)
+    rounds = multi_round(min(n_incontext, len(FIRST) * len(LAST)), seed=train_seed)
+    docs.extend(it.prompt + it.answer for it in rounds * max(1, n_incontext // max(1, len(rounds))))
+    return docs
+
+
 def kv_retrieval(n: int, pairs: int = 8, seed: int = 0) -> list[Item]:
     rng = random.Random(seed + 1)
     items = []
@@ -115,16 +157,46 @@ def wilson_ci(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, tokenizer, items: list[Item], device: str | torch.device = "cpu") -> dict:
+def score(model: torch.nn.Module, tokenizer, items: list[Item], device: str | torch.device = "cpu",
+          max_len: int | None = None) -> dict:
     """Teacher-forced exact match of every item; ``{"acc", "ci95", "n", "correct"}``.
     ``model(ids)`` must return an object with ``.logits [1, S, V]``."""
+    return _summary(score_items(model, tokenizer, items, device, max_len))
+
+
+@torch.no_grad()
+def score_items(model: torch.nn.Module, tokenizer, items: list[Item], device: str | torch.device = "cpu",
+                max_len: int | None = None) -> list[bool]:
+    """Per-item teacher-forced exact match (see :func:`score`); a prompt longer than
+    ``max_len`` minus the answer keeps its last tokens."""
     model.eval()
-    correct = 0
+    out = []
     for it in items:
         p, a = tokenizer.encode(it.prompt), tokenizer.encode(it.answer)
+        if max_len is not None and len(p) + len(a) > max_len:
+            p = p[len(p) + len(a) - max_len:]
         ids = torch.tensor([p + a], device=device)
         logits = model(ids).logits[0]
         pred = logits[len(p) - 1 : len(p) + len(a) - 1].argmax(-1)
-        correct += int(torch.equal(pred.cpu(), torch.tensor(a)))
-    n = len(items)
-    return {"acc": correct / n if n else 0.0, "ci95": list(wilson_ci(correct, n)), "n": n, "correct": correct}
+        out.append(bool(torch.equal(pred.cpu(), torch.tensor(a))))
+    return out
+
+
+def run_probes(model: torch.nn.Module, tokenizer, n_people: int, n: int, seed: int = 0,
+               device: str | torch.device = "cpu", max_len: int | None = None) -> dict:
+    """Every probe on ``model``: ``{name: {"acc", "ci95", "n", "correct"}}``; the recall probe
+    also gives ``bits`` (:func:`knowledge_bits`). ``n_people`` must be the number mixed into
+    training (:func:`training_documents`); ``n`` items for each in-context probe."""
+    recall = biography_recall(n_people, seed)
+    ok = score_items(model, tokenizer, recall, device, max_len)
+    out = {"knowledge_recall": {**_summary(ok), "bits": knowledge_bits(recall, ok)},
+           "knowledge_qa": score(model, tokenizer, biographies(n_people, seed), device, max_len)}
+    for name, items in (("kv_retrieval", kv_retrieval(n, seed=seed)), ("multi_round", multi_round(min(n, n_people), seed=seed)),
+                        ("icl", icl(n, seed=seed))):
+        out[name] = score(model, tokenizer, items, device, max_len)
+    return out
+
+
+def _summary(ok: list[bool]) -> dict:
+    c, n = sum(ok), len(ok)
+    return {"acc": c / n if n else 0.0, "ci95": list(wilson_ci(c, n)), "n": n, "correct": c}
