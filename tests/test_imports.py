@@ -40,8 +40,6 @@ DEFERRED_IMPORTS: dict[tuple[str, str], str] = {
     ("ultramem.distributed", "torch.distributed.checkpoint.state_dict"): "~1.5 s: sharded runs only",
     ("ultramem.inference.load", "ultramem.distributed"): "torch's DCP (~1 s): only a run saved sharded needs it",
     # no start-up reason: left in files other branches are rewriting this session
-    ("ultramem.experiment", "ultramem.train.trainer"): "to move up (the quality branch's file)",
-    ("ultramem.distributed.parallelize", "torch.distributed.fsdp"): "to move up (scale-out's file)",
     ("ultramem.hf", "transformers"): OPTIONAL,
     ("ultramem.hf", "ultramem.hf.configuration_ultramem"): "imports transformers (optional)",
     ("ultramem.hf", "ultramem.hf.modeling_ultramem"): "imports transformers (optional)",

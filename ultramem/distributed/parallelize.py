@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from ultramem.distributed.overlap import Streams, overlap_memory
@@ -198,8 +199,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, partition: str | dict[str, s
             layer.lookup = op
 
     if fsdp:
-        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
-
         kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
         for block in model.blocks:
             fully_shard(block, **kw)  # one unit per model.blocks[i] (Block.forward)
