@@ -141,6 +141,25 @@ def test_auto_picks_gather_for_few_tokens_and_grouped_for_many():
     assert MoEConfig(impl="loop").build(SHAPE).path_for(1, cpu, torch.float32) == "loop"
 
 
+def test_widths_grouped_mm_cannot_stride_take_the_loop_or_raise(monkeypatch):
+    """torch._grouped_mm needs 16-byte row strides (bf16: widths a multiple of 8): an unaligned
+    expert width takes the loop under impl='auto' (with a warning) and is a one-line
+    ConfigError under impl='grouped_mm', instead of CUDA's stride error inside the product."""
+    import ultramem.layers.moe as moe
+
+    monkeypatch.setattr(moe, "grouped_mm_available", lambda device, dtype: True)
+    cpu = torch.device("cpu")
+    aligned = MoEConfig(n_experts=4, top_k=2, hidden=16, gather_max=0).build(SHAPE)
+    assert aligned.path_for(8, cpu, torch.bfloat16) == "grouped"
+    odd = MoEConfig(n_experts=4, top_k=2, hidden=20, gather_max=0).build(SHAPE)
+    assert odd.path_for(8, cpu, torch.float32) == "grouped"  # fp32: multiples of 4 suffice
+    with pytest.warns(UserWarning, match="hidden=20"):
+        assert odd.path_for(8, cpu, torch.bfloat16) == "loop"
+    strict = MoEConfig(n_experts=4, top_k=2, hidden=20, gather_max=0, impl="grouped_mm").build(SHAPE)
+    with pytest.raises(ConfigError, match="multiples of 8 in torch.bfloat16 \\(hidden=20\\)"):
+        strict.path_for(8, cpu, torch.bfloat16)
+
+
 @needs_grouped
 def test_autocast_fp32_input_takes_grouped_path_in_bf16():
     """The block input is fp32 under autocast: the layer must still take the grouped path,

@@ -249,13 +249,17 @@ class MoE(SparseLayer):
             return "gather"
         if impl == "loop":
             return "loop"
-        if grouped_mm_available(device, dtype):
-            return "grouped"
+        why = None if grouped_mm_available(device, dtype) else f"this torch build has no torch._grouped_mm for {dtype} on {device.type}"
+        if why is None:
+            # torch._grouped_mm needs 16-byte row strides: d_model and hidden a multiple of 16 bytes
+            step = 16 // dtype.itemsize
+            bad = [f"{n}={v}" for n, v in (("d_model", self.w_up.shape[1]), ("hidden", self.cfg.hidden)) if v % step]
+            if not bad:
+                return "grouped"
+            why = f"torch._grouped_mm needs widths that are multiples of {step} in {dtype} ({', '.join(bad)})"
         if impl == "grouped_mm":
-            raise ConfigError(f"moe.impl='grouped_mm' but this torch build has no torch._grouped_mm for "
-                              f"{dtype} on {device.type}; use impl='auto'")
-        warnings.warn(f"MoE: no torch._grouped_mm for {dtype} on {device.type}; using the per-expert loop "
-                      "(synchronises with the host)", stacklevel=3)
+            raise ConfigError(f"moe.impl='grouped_mm' but {why}; use impl='auto', or a multiple of 8 for the widths")
+        warnings.warn(f"MoE: {why}; using the per-expert loop (synchronises with the host)", stacklevel=3)
         return "loop"
 
     def _mlp(self, x: torch.Tensor, w_up: torch.Tensor, w_gate: torch.Tensor | None, w_down: torch.Tensor, mm) -> torch.Tensor:
