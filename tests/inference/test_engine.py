@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import ultramem
 from ultramem import checkpoint as ckpt
@@ -147,9 +148,12 @@ def test_compiled_step_equals_eager_engine(name):
     model = tiny(name)
     prompts = [torch.randint(0, 8192, (n,)).tolist() for n in (5, 1, 3)]
     want = Engine(model, 4, 16, Sampling(0.0)).generate_ids(prompts, 5)
-    eng = Engine(model, 4, 16, Sampling(0.0), compile={"backend": "eager"})
+    eng = Engine(model, 4, 16, Sampling(0.0), compile={"backend": "eager"})  # one bucket: 4
     assert eng.forward is not model
     assert eng.generate_ids(prompts, 5).ids == want.ids
+    graphs = counters["stats"]["unique_graphs"]
+    eng.generate_ids(prompts, 9)  # more steps, new positions: no recompile (no guard on the step)
+    assert counters["stats"]["unique_graphs"] == graphs
     assert ultramem.generate(model, prompts[:1], 5, temperature=0, compile={"backend": "eager"}).ids == want.ids[:1]
 
 

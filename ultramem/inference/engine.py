@@ -83,8 +83,9 @@ class Engine:
     per sequence (default the model's context); ``graphs``: capture the decode step (default: on
     CUDA); ``overlap``: memory layers on a side stream (UltraMem §3.2, CUDA only); ``compile``:
     ``True`` or keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``)
-    to compile the decode step's forward (``dynamic=False``: one compile per bucket; the engine
-    captures the graph itself, so a mode with its own CUDA graphs is refused).
+    to compile the decode step's forward (``dynamic=False``: one compile per bucket, attention
+    over a fixed ``max_len`` as in a graph, also when stepping eagerly; the engine captures the
+    graph itself, so a mode with its own CUDA graphs is refused).
     """
 
     def __init__(self, model: Transformer, max_batch: int = 1, max_len: int | None = None,
@@ -101,6 +102,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.state = DecodeState.allocate(model, max_batch, self.max_len, overlap=overlap)
         self.buckets: dict[int, _Bucket] = {}
+        self.compiled = bool(compile)
         self.forward = self._compiled(compile) if compile else self.model
 
     def _compiled(self, compile: bool | dict):
@@ -139,6 +141,8 @@ class Engine:
         b = min(1 << (batch - 1).bit_length(), self.max_batch)
         if b not in self.buckets:
             bk = self.buckets[b] = _Bucket(self, b)
+            if self.compiled:  # a fixed attention length, as in a graph: no recompile per step
+                bk.state.kv_len = self.max_len
             if self.graphs:
                 self._capture(bk)
         return self.buckets[b]
@@ -166,7 +170,7 @@ class Engine:
                           f"{bk.b} decodes eagerly", stacklevel=3)
             bk.graph = None
         torch.cuda.synchronize(self.device)
-        bk.state.kv_len = None
+        bk.state.kv_len = self.max_len if self.compiled else None
         self.state.reset()
 
     def step(self, bk: _Bucket) -> None:

@@ -115,6 +115,10 @@ class DecodeState:
                 s.reset()
 
     # ---- one forward call --------------------------------------------------------------------
+    # ``begin`` and ``end`` keep host-side bookkeeping (``filled``, the layer states' ``lengths``)
+    # that changes every step: under ``torch.compile`` they run eagerly (a graph break each), so
+    # the compiled graphs never guard on the step count and a decode step compiles once.
+    @torch.compiler.disable
     def begin(self, s: int, lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Positions ``[B, S]`` of a call of ``s`` tokens and how many cache positions attention
         reads; hands ``lengths`` to the layer states. Raises if the call cannot fit."""
@@ -128,6 +132,7 @@ class DecodeState:
         kv_len = self.kv_len if self.kv_len is not None else min(self.filled + s, self.max_len)
         return positions, kv_len
 
+    @torch.compiler.disable
     def end(self, s: int, lengths: torch.Tensor | None) -> None:
         self.pos.add_(s if lengths is None else lengths)
         self.filled = min(self.filled + s, self.max_len)
