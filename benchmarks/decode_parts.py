@@ -104,6 +104,7 @@ def step_parts(model: Transformer, batch: int, kv: int, sub_parts: bool = True) 
     st = bk.state
     st.kv_len = kv
     st.pos.fill_(kv - 1)
+    bk.tokens.random_(0, model.cfg.vocab_size)  # distinct tokens: an MoE step routes them apart
     w = model.embed_tokens.weight
     x = torch.randn(batch, 1, model.cfg.d_model, device=w.device, dtype=w.dtype) * 0.5
     positions = torch.full((batch, 1), kv - 1, device=w.device, dtype=torch.long)  # step() moves st.pos

@@ -295,11 +295,53 @@ def others(run: Suite) -> None:
         run.add("hf", r)
 
 
+def second(run: Suite) -> None:
+    """Follow-up call (decode-h200-d.json): what the first call's budget left out, each
+    comparison again within this run: HF generate first, then Fig. 6(c) 1x vs 8x rows and the
+    227M family's dense / V2 / OLMoE / Memory+ rows at batches 1 and 64."""
+    run.path = run.path.replace("-c.json", "-d.json")
+    if not run.dry:
+        warm = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        t = time.time()
+        while time.time() - t < 1:
+            warm @ warm
+    settings = [("HF generate, default (dynamic) cache", {}, 32),
+                ("HF generate, static cache, compile disabled", {"cache_implementation": "static",
+                                                                   "disable_compile": True}, 32),
+                ("HF generate, static cache (its auto compile)", {"cache_implementation": "static"}, 128)]
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "vocab_size": 512} if run.dry else None
+    for r in parts.hf_generate(settings, lambda: run.left() - 35, device=run.dev, small=small):
+        run.add("hf", r)
+    base = "tiny-ultramem" if run.dry else "ultramem-227m-1.2b"
+    b = (1, 4) if run.dry else (1, 64)
+    SHARES["fig6c"] = 1.0
+    run.section("fig6c")
+    for f in (1, 8):
+        cfg = get_preset(base).model
+        cfg.memory.knum = round(get_preset(base).model.memory.knum * f**0.5)
+        model = build(run, f"{base} x{f}", cfg)
+        for bb in b:
+            if model is not None and run.left() > 4:
+                point(run, "fig6c", f"{base} x{f} rows", "fig6c", model, bb,
+                      fits_kv(model, bb, min(2048, model.cfg.max_seq_len)), value_rows_factor=f,
+                      value_params=sum(m.values.numel() for m in model.memory))
+        del model
+        run.sync()
+    names = TINY["227m-1.2b"] if run.dry else ["dense-227m", "ultramem-v2-227m-1.2b", "olmoe-227m-1.2b",
+                                               "memory-plus-227m-1.2b"]
+    family_rows(run, "227m-1.2b", names, list(b), set())
+    run.save()
+    print("wrote", run.path, "in", round(time.time() - run.t0), "s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=320)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny presets on the CPU, CPU timers")
+    ap.add_argument("--second", action="store_true",
+                    help="the follow-up call: HF generate, Fig. 6(c) 1x vs 8x, the rest of the 227M family")
     args = ap.parse_args()
     run = Suite(args.out, args.budget_s, args.cpu_dry_run)
     names = TINY if run.dry else FULL
@@ -308,6 +350,9 @@ def main() -> None:
         parts.SCALE = 1 << 12
         BATCHES[:], MOE_EXTRA[:], PART_BATCHES[:] = [1, 4], [2], [1, 4]
         MOE_FORCED.update(gather=[16], grouped_mm=[1])
+    if args.second:
+        second(run)
+        return
     else:
         warm = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
         t = time.time()
