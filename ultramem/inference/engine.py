@@ -29,7 +29,7 @@ import torch
 
 from ultramem.errors import ConfigError
 from ultramem.inference.sampling import Sampling, sample
-from ultramem.model.decode_state import DecodeState
+from ultramem.model.decode_state import DecodeState, bookkeeping_outside_compile
 from ultramem.model.transformer import Transformer
 
 CHECK_EVERY = 16  # decode steps between two host checks of "all sequences stopped"
@@ -114,6 +114,7 @@ class Engine:
         if self.state.overlap:
             raise ConfigError("compile with overlap=True: torch.compile does not trace the side stream; "
                               "use one or the other")
+        bookkeeping_outside_compile()
         opts.setdefault("dynamic", False)
         # one compiled graph per batch bucket (1, 2, 4, ... max_batch), plus slack
         limit = max_batch_buckets(self.max_batch) + 4
