@@ -35,8 +35,12 @@ def plot(path: str) -> list[Path]:
                 axes[0][j].plot(b, [r["ms"] for r in rs], style, marker="o", ms=3, label=name)
                 axes[1][j].plot(b, [r["bytes"] / 1e9 for r in rs], style, marker="o", ms=3, label=name)
                 axes[2][j].plot(b, [r["GBps"] for r in rs], style, marker="o", ms=3, label=name)
-            if "copy_GBps" in doc:
-                axes[2][j].axhline(doc["copy_GBps"], color="k", lw=0.8, ls=":", label="copy (read + write)")
+            ceil = doc.get("ceilings") or {}
+            if "copy_GBps" in doc or "copy_GBps" in ceil:
+                axes[2][j].axhline(doc.get("copy_GBps", ceil.get("copy_GBps")), color="k", lw=0.8, ls=":",
+                                   label="copy (read + write)")
+            if "read_GBps" in ceil:
+                axes[2][j].axhline(ceil["read_GBps"], color="k", lw=0.8, ls="--", label="read-only (sum)")
             for i, lab in enumerate(("decode step (ms)", "bytes read per step (GB)", "achieved GB/s")):
                 ax = axes[i][j]
                 ax.set_xscale("log", base=2)
@@ -71,4 +75,36 @@ def plot(path: str) -> list[Path]:
         out = Path(path).with_name(Path(path).stem + "-fig6c.png")
         fig.savefig(out, dpi=110)
         outs.append(out)
+    if doc.get("parts"):
+        outs.append(plot_parts(doc, Path(path).with_name(Path(path).stem + "-parts.png")))
     return outs
+
+
+PARTS = ("attention", "ffn", "memory", "head", "embed")
+
+
+def plot_parts(doc: dict, out: Path) -> Path:
+    """Stacked bars: each part's serial time per model and batch, the step's time as a marker
+    (the glue is the step minus the parts; steps come from the same run's rows where they exist,
+    as the breakdown's own step of an MoE fed one repeated token in the first run)."""
+    steps = {(r["model"], r["batch"]): r["ms"] for r in doc["rows"] if not r.get("overlap")}
+    rows = doc["parts"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4.5))
+    labelled: set[str] = set()
+    for i, r in enumerate(rows):
+        bottom = 0.0
+        for k, name in enumerate(PARTS):
+            ms = r["parts"].get(name, {}).get("ms", 0.0)
+            ax.bar(i, ms, bottom=bottom, color=f"C{k}", label=None if name in labelled or not ms else name)
+            labelled |= {name} if ms else set()
+            bottom += ms
+        ax.plot(i, steps.get((r["model"], r["batch"]), r["step_ms"]), "k_", ms=14, mew=2,
+                label="whole step" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [f"{r['model']}\nB={r['batch']}" for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("ms (serial, CUDA graph)")
+    ax.set_title(f"Where a decode step's time goes (kv 2048, {doc['device']})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out

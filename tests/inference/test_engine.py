@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import ultramem
 from ultramem import checkpoint as ckpt
@@ -137,3 +138,41 @@ def test_gpu_graph_and_overlap_equal_eager(name):
     assert got.ids == eager.ids
     over = Engine(model, 4, 32, Sampling(0.0), graphs=True, overlap=True).generate_ids(prompts, 12)
     assert over.ids == eager.ids
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-ultramem"])
+def test_compiled_step_equals_eager_engine(name):
+    """``compile``: the decode step through torch.compile (the eager backend on the CPU: the
+    tracing, guards and recompiles are what this checks) gives the eager engine's tokens."""
+    torch._dynamo.reset()
+    model = tiny(name)
+    prompts = [torch.randint(0, 8192, (n,)).tolist() for n in (5, 1, 3)]
+    want = Engine(model, 4, 16, Sampling(0.0)).generate_ids(prompts, 5)
+    eng = Engine(model, 4, 16, Sampling(0.0), compile={"backend": "eager"})  # one bucket: 4
+    assert eng.forward is not model
+    assert eng.generate_ids(prompts, 5).ids == want.ids
+    graphs = counters["stats"]["unique_graphs"]
+    eng.generate_ids(prompts, 9)  # more steps, new positions: no recompile (no guard on the step)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert ultramem.generate(model, prompts[:1], 5, temperature=0, compile={"backend": "eager"}).ids == want.ids[:1]
+
+
+def test_compile_refuses_its_own_graphs_and_overlap():
+    model = tiny("tiny-dense")
+    with pytest.raises(ConfigError, match="captures CUDA graphs itself"):
+        Engine(model, compile={"mode": "reduce-overhead"})
+    with pytest.raises(ConfigError, match="side stream"):
+        Engine(model, overlap=True, compile=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-ultramem", "tiny-moe"])
+def test_gpu_compiled_graph_equals_eager(name):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = tiny(name, "cuda")
+    prompts = [torch.randint(0, 8192, (n,)).tolist() for n in (5, 1, 11)]
+    eager = Engine(model, 4, 32, Sampling(0.0), graphs=False).generate_ids(prompts, 12)
+    got = Engine(model, 4, 32, Sampling(0.0), graphs=True, compile=True).generate_ids(prompts, 12)
+    assert got.graphed or name == "tiny-moe"
+    assert got.ids == eager.ids

@@ -12,6 +12,11 @@ Lifecycle of :meth:`Engine.generate_ids` for ``B`` prompts:
    have stopped (the only host syncs of the loop).
 
 On the CPU, or with ``graphs=False``, step 3 calls the same step function eagerly.
+
+``compile``: the model's forward of a decode step goes through ``torch.compile`` (Inductor
+fuses the norms, rotary, residual adds and other small kernels between the matmuls) and the
+compiled step is then captured in the same per-bucket CUDA graph; prefill stays eager. Compiling
+happens in the bucket's warm-up, so the first use of each bucket takes the compile time.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from ultramem.errors import ConfigError
 from ultramem.inference.sampling import Sampling, sample
-from ultramem.model.decode_state import DecodeState
+from ultramem.model.decode_state import DecodeState, bookkeeping_outside_compile
 from ultramem.model.transformer import Transformer
 
 CHECK_EVERY = 16  # decode steps between two host checks of "all sequences stopped"
@@ -51,6 +56,11 @@ class Generated:
         return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
 
 
+def max_batch_buckets(max_batch: int) -> int:
+    """How many batch buckets (1, 2, 4, ..., then ``max_batch``) an engine can hold."""
+    return (max_batch - 1).bit_length() + 1
+
+
 class _Bucket:
     """Static buffers of one batch bucket (views into the engine's state) and its graph."""
 
@@ -71,12 +81,16 @@ class Engine:
 
     ``max_batch``: largest batch (buckets 1, 2, 4, ... up to it); ``max_len``: prompt + new tokens
     per sequence (default the model's context); ``graphs``: capture the decode step (default: on
-    CUDA); ``overlap``: memory layers on a side stream (UltraMem §3.2, CUDA only).
+    CUDA); ``overlap``: memory layers on a side stream (UltraMem §3.2, CUDA only); ``compile``:
+    ``True`` or keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``)
+    to compile the decode step's forward (``dynamic=False``: one compile per bucket, attention
+    over a fixed ``max_len`` as in a graph, also when stepping eagerly; the engine captures the
+    graph itself, so a mode with its own CUDA graphs is refused).
     """
 
     def __init__(self, model: Transformer, max_batch: int = 1, max_len: int | None = None,
                  sampling: Sampling | None = None, graphs: bool | None = None, overlap: bool = False,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, compile: bool | dict = False) -> None:
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
         self.sampling = sampling or Sampling()
@@ -88,11 +102,29 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.state = DecodeState.allocate(model, max_batch, self.max_len, overlap=overlap)
         self.buckets: dict[int, _Bucket] = {}
+        self.compiled = bool(compile)
+        self.forward = self._compiled(compile) if compile else self.model
+
+    def _compiled(self, compile: bool | dict):
+        """``torch.compile`` of the model for decode steps (see the class docstring)."""
+        opts = dict(compile) if isinstance(compile, dict) else {}
+        if opts.get("mode") in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"compile mode={opts['mode']!r} captures CUDA graphs itself; the engine "
+                              "captures the step already: use 'default' or 'max-autotune-no-cudagraphs'")
+        if self.state.overlap:
+            raise ConfigError("compile with overlap=True: torch.compile does not trace the side stream; "
+                              "use one or the other")
+        bookkeeping_outside_compile()
+        opts.setdefault("dynamic", False)
+        # one compiled graph per batch bucket (1, 2, 4, ... max_batch), plus slack
+        limit = max_batch_buckets(self.max_batch) + 4
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+        return torch.compile(self.model, **opts)
 
     # ---- one step ----------------------------------------------------------------------------
     def _step(self, bk: _Bucket) -> None:
         """Feed ``bk.tokens``, sample the next ones into ``bk.tokens``; all in place."""
-        logits = self.model(bk.tokens.view(-1, 1), state=bk.state).logits[:, -1]
+        logits = self.forward(bk.tokens.view(-1, 1), state=bk.state).logits[:, -1]
         self._emit(bk, logits)
 
     def _emit(self, bk: _Bucket, logits: torch.Tensor) -> None:
@@ -110,6 +142,8 @@ class Engine:
         b = min(1 << (batch - 1).bit_length(), self.max_batch)
         if b not in self.buckets:
             bk = self.buckets[b] = _Bucket(self, b)
+            if self.compiled:  # a fixed attention length, as in a graph: no recompile per step
+                bk.state.kv_len = self.max_len
             if self.graphs:
                 self._capture(bk)
         return self.buckets[b]
@@ -137,7 +171,7 @@ class Engine:
                           f"{bk.b} decodes eagerly", stacklevel=3)
             bk.graph = None
         torch.cuda.synchronize(self.device)
-        bk.state.kv_len = None
+        bk.state.kv_len = self.max_len if self.compiled else None
         self.state.reset()
 
     def step(self, bk: _Bucket) -> None:

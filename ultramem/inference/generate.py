@@ -41,13 +41,16 @@ class Generation:
 def generate(model: Transformer, prompts: list[str] | list[list[int]], max_new: int = 64, *,
              tokenizer: Tokenizer | None = None, temperature: float = 0.8, top_k: int = 50,
              top_p: float = 1.0, seed: int = 0, stop: list[int] | list[list[int]] | None = None,
-             graphs: bool | None = None, overlap: bool = False, engine: Engine | None = None) -> Generation:
+             graphs: bool | None = None, overlap: bool = False, compile: bool | dict = False,
+             engine: Engine | None = None) -> Generation:
     """Continue each prompt by up to ``max_new`` tokens, all prompts in one batch.
 
     ``prompts``: strings (needs ``tokenizer``) or token-id lists. ``stop``: ids that end a
     sequence (one list for all, or one list per prompt; default the tokenizer's end-of-text).
     ``temperature`` 0 is greedy. ``graphs`` (default: on CUDA) replays the decode step as a CUDA
-    graph; ``overlap`` runs memory layers on a side stream. Seeded: same seed, same tokens.
+    graph; ``overlap`` runs memory layers on a side stream; ``compile`` puts the decode step
+    through ``torch.compile`` before capturing it (see :class:`Engine`). Seeded: same seed,
+    same tokens.
     Pass an :class:`Engine` to reuse its state and captured graphs across calls.
     """
     ids = _encode(prompts, tokenizer)
@@ -58,7 +61,7 @@ def generate(model: Transformer, prompts: list[str] | list[list[int]], max_new: 
         if longest + max_new > model.cfg.max_seq_len:
             raise ConfigError(f"prompt of {longest} tokens + max_new={max_new} exceed the model's context "
                               f"model.max_seq_len={model.cfg.max_seq_len}; shorten the prompt or lower --max-new")
-        engine = Engine(model, len(ids), longest + max_new, sampling, graphs, overlap)
+        engine = Engine(model, len(ids), longest + max_new, sampling, graphs, overlap, compile=compile)
     elif engine.sampling != sampling:
         raise ConfigError(f"engine built for {engine.sampling}, called with {sampling}; build one per setting")
     res = engine.generate_ids(ids, max_new, stops, seed)
@@ -115,6 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly on CUDA (no CUDA graph)")
     p.add_argument("--overlap", action="store_true", help="memory layers on a side stream (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (then graphed)")
     p.set_defaults(func=run)
 
 
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = generate(loaded.model, prompts, args.max_new, tokenizer=tok, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   graphs=False if args.no_graphs else None, overlap=args.overlap)
+                   graphs=False if args.no_graphs else None, overlap=args.overlap, compile=args.compile)
     for prompt, text in zip(prompts, out.texts or []):
         print(prompt + text)
     r = out.result

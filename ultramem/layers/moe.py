@@ -58,7 +58,10 @@ class MoEConfig(LayerConfig):
     # "auto": "gather" when tokens * top_k <= gather_max, else "grouped_mm" (the loop where this
     # torch build has no usable torch._grouped_mm); the others force one path.
     impl: str = "auto"
-    gather_max: int = 16  # decode threshold on tokens * top_k (measured: docs/layers.md, MoE)
+    # decode threshold on tokens * top_k (docs/layers.md, MoE): 16 from the block benchmark; 32
+    # from whole moe-1.6b decode steps at kv 2048 (docs/results/decode-h200-c.json: 32
+    # assignments, gather 16.2 ms vs grouped 17.4; 64: grouped 22.4 vs gather 26.4)
+    gather_max: int = 32
     # memory layout of the autocast copy of the expert weights that grouped_mm reads: "row"
     # ([E, K, N] as stored) or "col" (N-major, written by the same cast kernel)
     grouped_layout: str = "row"

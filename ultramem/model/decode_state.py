@@ -115,6 +115,9 @@ class DecodeState:
                 s.reset()
 
     # ---- one forward call --------------------------------------------------------------------
+    # ``begin`` and ``end`` keep host-side bookkeeping (``filled``, the layer states' ``lengths``)
+    # that changes every step: under ``torch.compile`` they run eagerly (see
+    # :func:`bookkeeping_outside_compile`).
     def begin(self, s: int, lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Positions ``[B, S]`` of a call of ``s`` tokens and how many cache positions attention
         reads; hands ``lengths`` to the layer states. Raises if the call cannot fit."""
@@ -142,6 +145,18 @@ class DecodeState:
 
     def join(self, handle: object) -> torch.Tensor:
         return self.side.join(handle) if self.side is not None else handle  # type: ignore[return-value]
+
+
+def bookkeeping_outside_compile() -> None:
+    """Make ``DecodeState.begin`` / ``end`` run eagerly under ``torch.compile`` (a graph break
+    each), so compiled graphs never guard on the step count and a decode step compiles once.
+    Called by the engine before its first compile, not at import: ``torch.compiler.disable``
+    imports ``torch._dynamo`` (and with it Triton and tqdm). Idempotent."""
+    if getattr(DecodeState, "_eager_bookkeeping", False):
+        return
+    DecodeState.begin = torch.compiler.disable(DecodeState.begin)
+    DecodeState.end = torch.compiler.disable(DecodeState.end)
+    DecodeState._eager_bookkeeping = True
 
 
 class SideStream:
