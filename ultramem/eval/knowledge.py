@@ -6,7 +6,8 @@ a trade and a favourite colour. Values are dealt evenly (every value of an attri
 than chance, ``1/K``. Every fact is stated in ``paraphrases`` wordings (:data:`TEMPLATES`); the
 training text is those sentences shuffled into pages of unrelated facts, ``repeats`` times
 with a fresh shuffle each time, so a statement can never be copied from an earlier sentence of
-its page: the model has to store it in its weights.
+its page: the model has to store it in its weights. Sentences are one a line, so every
+statement has the tokens it has alone.
 
 Recall: each (person, attribute) is queried once with the prefix of its first wording, exactly
 as in training (``"Alda Brandt was born in"``), and the model ranks the attribute's candidate
@@ -97,7 +98,8 @@ def make_facts(n_people: int, seed: int = 0, paraphrases: int = 2) -> Facts:
 def fact_pages(facts: Facts, repeats: int, page_size: int = 16, seed: int = 0,
                keep: Callable[[str], bool] = lambda text: True) -> list[str]:
     """Training documents: ``repeats`` shuffles of every statement, cut into pages of
-    ``page_size`` sentences. ``keep(text)`` must hold for each page (the demo passes "falls in
+    ``page_size`` sentences, one a line (so each sentence's tokens are those of the sentence
+    alone, as the query's: after a space, ``"Alda"`` would be the other token ``" Alda"``). ``keep(text)`` must hold for each page (the demo passes "falls in
     the training split"): a page failing it has its sentences rotated until it holds."""
     rng = random.Random(seed + 1)
     pages = []
@@ -107,7 +109,7 @@ def fact_pages(facts: Facts, repeats: int, page_size: int = 16, seed: int = 0,
         for i in range(0, len(sents), page_size):
             page = sents[i: i + page_size]
             for shift in range(len(page)):
-                text = " ".join(page[shift:] + page[:shift])
+                text = "\n".join(page[shift:] + page[:shift])
                 if keep(text):
                     break
             else:
