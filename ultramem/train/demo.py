@@ -259,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
     result = {
         "name": "make demo: UltraMem vs dense at equal FLOPs/token, CPU, bundled corpus + invented facts",
         "command": "ultramem demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "ultramem demo",
-        "device": f"CPU ({platform.machine()}), {args.threads} torch threads, torch {torch.__version__}",
+        "device": f"CPU ({platform.machine()}), torch threads: {args.threads}, torch {torch.__version__}",
         "steps": args.steps, "equal_flops": same,
         "facts": {"people": len(facts.people), "queries": len(facts.queries()), "repeats": args.repeats,
                   "paraphrases": facts.paraphrases, "chance": facts.chance()},

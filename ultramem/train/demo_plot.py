@@ -34,14 +34,15 @@ def plot_demo(result: dict, run_dirs: list[Path], out: Path) -> Path:
     ax_val.set(xlabel="step", ylabel="val loss (nats/token, held-out English)", title="language modelling")
     for ax in (ax_curve, ax_bar):
         ax.axhline(chance, color="grey", ls=":", label=f"chance {chance:.1%}")
-        ax.set_ylim(0, 1)
+    ax_curve.set_ylim(0, 1)
+    ax_bar.set_ylim(0, 1.12)  # room for the labels above the whiskers
     ax_curve.set(xlabel="step", ylabel="fact recall (top-1 of candidates)", title="recall during training")
     ax_bar.set_xticks(range(len(rows)), [r["name"] for r in rows])
     ax_bar.set(ylabel="fact recall, 95 % CI", title=f"final recall ({result['facts']['queries']} facts)")
     for ax in (ax_val, ax_curve):
         ax.grid(alpha=0.3)
         ax.legend()
-    ax_bar.legend(loc="upper right")
+    ax_bar.legend(loc="lower right", framealpha=0.9)
     fig.suptitle(f"{result['name']}  ({result['steps']} steps each)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
