@@ -79,6 +79,15 @@ def test_demo_smoke_and_rerun_resumes(tmp_path, capsys):
     assert not list(tmp_path.glob("*.prev-*"))  # resumed, not moved aside
 
 
+def test_demo_bad_people_is_one_line(tmp_path, capsys):
+    from ultramem.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--people", "9999"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--people=9999: allowed 1..360" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "data").exists()  # checked before any work
+
+
 def test_demo_with_presets_and_changed_config(tmp_path, capsys):
     """``--presets`` trains stock presets (flagged as not equal-FLOPs when they are not); a
     changed config moves the previous run aside instead of resuming it."""

@@ -40,6 +40,9 @@ TEMPLATES = {
 }
 
 
+MAX_PEOPLE = len(FIRST) * len(LAST)  # distinct invented names
+
+
 @dataclass(frozen=True)
 class Query:
     """One fact to recall: ``prompt`` continued by one of ``candidates`` (each with its leading
@@ -82,8 +85,8 @@ def make_facts(n_people: int, seed: int = 0, paraphrases: int = 2) -> Facts:
     if not 1 <= paraphrases <= min(len(t) for t in TEMPLATES.values()):
         raise ValueError(f"paraphrases={paraphrases}: allowed 1..{min(len(t) for t in TEMPLATES.values())}")
     names = [f"{f} {last}" for f in FIRST for last in LAST]
-    if not 1 <= n_people <= len(names):
-        raise ValueError(f"n_people={n_people}: allowed 1..{len(names)} (distinct invented names)")
+    if not 1 <= n_people <= MAX_PEOPLE:
+        raise ValueError(f"n_people={n_people}: allowed 1..{MAX_PEOPLE} (distinct invented names)")
     rng = random.Random(seed)
     rng.shuffle(names)
     dealt = {}

@@ -41,8 +41,9 @@ from ultramem.data.index import INDEX
 from ultramem.data.loader import split_tokens
 from ultramem.data.prepare import is_val, prepare_documents
 from ultramem.data.tokenizer import Tokenizer
+from ultramem.errors import ConfigError
 from ultramem.eval.cli import evaluate_run
-from ultramem.eval.knowledge import Facts, fact_pages, make_facts, mcnemar, rank_candidates
+from ultramem.eval.knowledge import MAX_PEOPLE, Facts, fact_pages, make_facts, mcnemar, rank_candidates
 from ultramem.inference.generate import generate
 from ultramem.inference.load import load_run
 from ultramem.presets import preset_names
@@ -214,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    if args.people > MAX_PEOPLE:
+        raise ConfigError(f"--people={args.people}: allowed 1..{MAX_PEOPLE} (the distinct invented names)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     data = out / "data"
