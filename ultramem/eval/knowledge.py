@@ -101,9 +101,10 @@ def make_facts(n_people: int, seed: int = 0, paraphrases: int = 2) -> Facts:
 def fact_pages(facts: Facts, repeats: int, page_size: int = 16, seed: int = 0,
                keep: Callable[[str], bool] = lambda text: True) -> list[str]:
     """Training documents: ``repeats`` shuffles of every statement, cut into pages of
-    ``page_size`` sentences, one a line (so each sentence's tokens are those of the sentence
-    alone, as the query's: after a space, ``"Alda"`` would be the other token ``" Alda"``). ``keep(text)`` must hold for each page (the demo passes "falls in
-    the training split"): a page failing it has its sentences rotated until it holds."""
+    ``page_size`` sentences, one a line (so each sentence has the tokens it has alone, as the
+    query: after a space, ``"Alda"`` would be the other token ``" Alda"``). ``keep(text)`` must
+    hold for each page (the demo passes "falls in the training split"): a page failing it has
+    its sentences rotated until it holds."""
     rng = random.Random(seed + 1)
     pages = []
     for _ in range(repeats):
