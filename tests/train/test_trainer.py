@@ -175,19 +175,6 @@ def test_tensorboard_optional(slice_data, tmp_path, capsys):
         assert (tmp_path / "r" / "tb").is_dir()
 
 
-def test_demo_smoke(tmp_path, capsys):
-    """``ultramem demo`` end to end, shrunk: prepare the bundled corpus, train, table, sample."""
-    from ultramem.cli import main
-
-    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--presets", "tiny-dense",
-                 "model.n_layers=1", "train.eval_batches=1"]) == 0
-    out = capsys.readouterr().out
-    assert "unigram entropy" in out and "tiny-dense" in out and "sample from tiny-dense" in out
-    for f in ("config.json", "metrics.jsonl", "loss_curve.png", "summary.json"):
-        assert (tmp_path / "tiny-dense" / f).is_file()
-    assert (tmp_path / "compare.png").is_file()
-
-
 @pytest.mark.slow
 def test_compile_matches_eager(slice_data, tmp_path):
     """train.compile=true (torch.compile, inductor on CPU) follows the eager loss curve."""
