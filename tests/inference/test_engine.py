@@ -14,6 +14,7 @@ from ultramem.data.tokenizer import Tokenizer, default_tokenizer_path
 from ultramem.errors import ConfigError
 from ultramem.inference.engine import Engine
 from ultramem.inference.sampling import Sampling, sample
+from ultramem.model.attention import Attention
 from ultramem.model.transformer import Transformer
 from ultramem.presets import get_preset
 
@@ -155,6 +156,28 @@ def test_compiled_step_equals_eager_engine(name):
     eng.generate_ids(prompts, 9)  # more steps, new positions: no recompile (no guard on the step)
     assert counters["stats"]["unique_graphs"] == graphs
     assert ultramem.generate(model, prompts[:1], 5, temperature=0, compile={"backend": "eager"}).ids == want.ids[:1]
+
+
+def test_compiled_step_leaves_memory_layers_out_of_the_graph():
+    """Under ``compile`` the memory layers run eagerly (their Triton decode kernels traced by
+    Dynamo gave other tokens on the H200): no node of any compiled graph comes from
+    ``model.memory``, while the blocks' nodes are there."""
+    torch._dynamo.reset()
+    model = tiny("tiny-ultramem")
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    prompts = [torch.randint(0, 8192, (n,)).tolist() for n in (5, 1, 3)]
+    want = Engine(model, 4, 16, Sampling(0.0)).generate_ids(prompts, 4)
+    assert Engine(model, 4, 16, Sampling(0.0), compile={"backend": backend}).generate_ids(prompts, 4).ids == want.ids
+    classes = {cls for gm in graphs for n in gm.graph.nodes
+               for _, cls in (n.meta.get("nn_module_stack") or {}).values()}
+    assert Attention in classes  # the blocks were compiled
+    memory_only = {type(m) for m in model.memory[0].modules()} - {type(m) for m in model.blocks.modules()}
+    assert memory_only and not memory_only & classes, memory_only & classes  # e.g. CausalQueryConv
 
 
 def test_compile_refuses_its_own_graphs_and_overlap():

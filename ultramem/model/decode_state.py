@@ -149,13 +149,19 @@ class DecodeState:
 
 def bookkeeping_outside_compile() -> None:
     """Make ``DecodeState.begin`` / ``end`` run eagerly under ``torch.compile`` (a graph break
-    each), so compiled graphs never guard on the step count and a decode step compiles once.
+    each), so compiled graphs never guard on the step count and a decode step compiles once; and
+    ``run_memory``, so the memory layers run as without compile (inside the CUDA graph all the same).
     Called by the engine before its first compile, not at import: ``torch.compiler.disable``
     imports ``torch._dynamo`` (and with it Triton and tqdm). Idempotent."""
     if getattr(DecodeState, "_eager_bookkeeping", False):
         return
     DecodeState.begin = torch.compiler.disable(DecodeState.begin)
     DecodeState.end = torch.compiler.disable(DecodeState.end)
+    # The memory layers too: their decode path is already our fused Triton kernels, and traced by
+    # Dynamo on the H200 (torch 2.11) they gave other tokens than the eager engine, while the same
+    # model through Inductor on the CPU (the layers' PyTorch references) agrees. Training never
+    # calls run_memory (no DecodeState), so a compiled training step still traces the layers.
+    DecodeState.run_memory = torch.compiler.disable(DecodeState.run_memory)
     DecodeState._eager_bookkeeping = True
 
 
