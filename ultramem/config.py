@@ -136,6 +136,7 @@ class TrainConfig:
     parallel: str = "ddp"  # multi-process (torchrun): "ddp" | "fsdp" (FSDP2 fully_shard)
     memory_parallel: int = 1  # fsdp: ranks each memory table is split over (mp; docs/distributed.md)
     memory_partition: str = "auto"  # fsdp: "auto" (fewest bytes) | "row" | "col"
+    memory_overlap: bool = False  # fsdp on CUDA: spans i:j (j > i) on a side stream beside blocks i+1..j
     log_every: int = 10  # progress-bar refresh and per-layer memory metrics
     eval_every: int = 100  # validation every N steps (0 = only at the end)
     eval_batches: int = 20  # validation batches per evaluation
@@ -171,6 +172,9 @@ class TrainConfig:
                               "train.parallel=fsdp (it must divide the number of processes)")
         if self.memory_partition not in ("auto", "row", "col"):
             raise ConfigError(f"train.memory_partition={self.memory_partition!r}; allowed: 'auto', 'row', 'col'")
+        if self.memory_overlap and self.parallel != "fsdp":
+            raise ConfigError("train.memory_overlap=true needs train.parallel=fsdp (the overlap is installed "
+                              "by parallelize; docs/distributed.md §4)")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError("train.min_lr_ratio must be in [0, 1] and train.warmup_frac in [0, 1)")
 

@@ -43,3 +43,28 @@ def test_two_processes_match_one(slice_data, tmp_path, preset, parallel, extra):
     assert load_run(tmp_path / "two").step == steps
     kind = dckpt if parallel == "fsdp" else ckpt
     assert [p.name for p in kind.list_checkpoints(tmp_path / "two")] == ["step_0000002", "step_0000004"]
+
+
+def test_memory_overlap_needs_fsdp():
+    from ultramem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.memory_overlap=true needs train.parallel=fsdp"):
+        load_config("tiny-ultramem", overrides=["train.memory_overlap=true"])
+    assert load_config("tiny-ultramem", overrides=["train.memory_overlap=true", "train.parallel=fsdp"]).train.memory_overlap
+
+
+def test_wrap_hands_memory_overlap_to_parallelize(monkeypatch):
+    """``train.memory_overlap`` reaches ``parallelize(overlap=...)`` (which installs the side
+    streams on CUDA: tests/distributed/test_overlap.py)."""
+    import ultramem.distributed.parallelize as par
+    from ultramem import distributed
+    from ultramem.model.transformer import Transformer
+
+    seen = {}
+    monkeypatch.setattr(par, "make_mesh", lambda mp, device_type: ("mesh", mp, device_type))
+    monkeypatch.setattr(par, "parallelize", lambda model, mesh, partition, overlap: seen.update(
+        mesh=mesh, partition=partition, overlap=overlap))
+    model = Transformer.build(load_config("tiny-ultramem").model)
+    d = distributed.Dist(0, 2, 0, torch.device("cpu"))
+    assert distributed.wrap(model, d, "fsdp", 2, "col", True) is model
+    assert seen == {"mesh": ("mesh", 2, "cpu"), "partition": "col", "overlap": True}

@@ -62,12 +62,13 @@ def init(device: str = "auto") -> Dist:
 
 
 def wrap(model: nn.Module, d: Dist, parallel: str = "ddp", memory_parallel: int = 1,
-         memory_partition: str = "auto") -> nn.Module:
+         memory_partition: str = "auto", memory_overlap: bool = False) -> nn.Module:
     """The module to call in the training loop (the unwrapped model stays the one to save).
 
     ``fsdp``: :func:`ultramem.distributed.parallelize.parallelize` on the ``(mp, dp)`` mesh with
     ``mp = memory_parallel``: value tables split over ``mp`` (``memory_partition``) and kept out
-    of FSDP, everything else ``fully_shard``-ed per block over ``dp``."""
+    of FSDP, everything else ``fully_shard``-ed per block over ``dp``; ``memory_overlap``: memory
+    spans on a side stream (:mod:`ultramem.distributed.overlap`; CUDA only, nothing on the CPU)."""
     if not d.enabled:
         return model
     if parallel == "ddp":
@@ -77,7 +78,8 @@ def wrap(model: nn.Module, d: Dist, parallel: str = "ddp", memory_parallel: int 
     if parallel == "fsdp":
         from ultramem.distributed.parallelize import make_mesh, parallelize  # noqa: PLC0415
 
-        parallelize(model, make_mesh(memory_parallel, d.device.type), partition=memory_partition)
+        parallelize(model, make_mesh(memory_parallel, d.device.type), partition=memory_partition,
+                    overlap=memory_overlap)
         return model
     raise ConfigError(f"train.parallel={parallel!r}; allowed: 'ddp', 'fsdp'")
 

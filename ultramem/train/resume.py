@@ -28,7 +28,7 @@ from ultramem.errors import ConfigError, DataError
 RESUME_SAFE = {"train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every",
                "train.keep_last", "train.tensorboard", "train.peak_tflops", "train.checkpoint",
                "train.spike_factor", "train.spike_window",
-               "train.parallel", "train.memory_parallel", "train.memory_partition"}
+               "train.parallel", "train.memory_parallel", "train.memory_partition", "train.memory_overlap"}
 GLOBAL_BATCH = "train.batch_size x processes"
 
 

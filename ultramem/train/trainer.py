@@ -132,7 +132,8 @@ def setup(cfg: Config, run_dir: Path, d: distributed.Dist, resume: bool, force: 
     model = Transformer.build(cfg.model, d.device)
     last = dckpt.latest_any(run_dir) if resume else None
     state, optim_state = _restore(cfg, run_dir, last, model, index, d, force)
-    net = distributed.wrap(model, d, tc.parallel, tc.memory_parallel, tc.memory_partition)  # sharded params here,
+    net = distributed.wrap(model, d, tc.parallel, tc.memory_parallel, tc.memory_partition,  # sharded params here,
+                           tc.memory_overlap)
     groups = build_param_groups(model, tc)  # so the optimiser is built after wrapping
     opt = make_optimizer(groups, tc, d.device.type)
     if optim_state is not None:
