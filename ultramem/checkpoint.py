@@ -246,6 +246,26 @@ def upgrade_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[
     return out
 
 
+def upgrade_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A copy of a full optimiser state dict (keyed by position, as ``optimizer.state_dict()``,
+    or by parameter name) whose per-parameter tensors of the parameter's size (AdamW's moments)
+    are rewritten like the weights (:func:`upgrade_weights`), so a checkpoint saved before a
+    layout change resumes training, not only loads."""
+    params = dict(model.named_parameters())
+    order = [n for g in optimizer.param_groups for p in g["params"] for n, q in params.items() if q is p]
+    out = {**state, "state": {}}
+    for key, pstate in state.get("state", {}).items():
+        name = order[key] if isinstance(key, int) and key < len(order) else key
+        param = params.get(name) if isinstance(name, str) else None
+        new = dict(pstate)
+        if param is not None:
+            for field, v in pstate.items():
+                if isinstance(v, torch.Tensor) and v.numel() == param.numel() and v.shape != param.shape:
+                    new[field] = upgrade_weights(model, {name: v})[name]
+        out["state"][key] = new
+    return out
+
+
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
     weights = upgrade_weights(model, weights)
     own = model.state_dict()

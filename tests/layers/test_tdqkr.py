@@ -8,6 +8,7 @@ addresses and gradients on random inputs, and loads state dicts saved in the old
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -230,3 +231,41 @@ def test_product_key_layers_on_the_kernels_equal_the_reference_gpu(kind):
         one = x[:1, :1]
         torch.testing.assert_close(layers["triton"].eval()(one), layers["torch"].eval()(one),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_old_layout_optimizer_state_resumes_training():
+    """A pre-merge PKM checkpoint also resumes *training*: AdamW's moments of the keys, saved as
+    ``[H, 2, N, K]``, are upgraded like the weights when the optimiser state is loaded
+    (``distributed.load_optimizer_state``), and the next step equals the uninterrupted one."""
+    from ultramem import distributed
+
+    cfg = load_config("tiny-pkm", overrides=["model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+                                              "model.memory.placement=1:1", "model.memory.impl=torch"]).model
+    torch.manual_seed(0)
+    model = Transformer.build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 8))
+    model(tokens, targets=tokens).loss.backward()
+    opt.step()
+    saved_w = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_o = copy.deepcopy(opt.state_dict())
+    names = [n for n, _ in model.named_parameters()]
+    old_o = copy.deepcopy(saved_o)
+    for i, n in enumerate(names):
+        if n.endswith("retrieval.keys"):
+            for f in ("exp_avg", "exp_avg_sq"):
+                old_o["state"][i][f] = old_o["state"][i][f][:, :, :, 0].transpose(0, 1).contiguous()
+    assert any(v["exp_avg"].dim() == 4 for v in old_o["state"].values())
+
+    def next_loss(weights, optim_state):
+        torch.manual_seed(1)
+        m = Transformer.build(cfg)
+        checkpoint.load_model_weights(m, weights, "ckpt")
+        o = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        distributed.load_optimizer_state(m, o, optim_state)
+        m.zero_grad()
+        m(tokens, targets=tokens).loss.backward()
+        o.step()
+        return m(tokens, targets=tokens).loss
+
+    torch.testing.assert_close(next_loss(saved_w, old_o), next_loss(saved_w, saved_o), rtol=0, atol=0)

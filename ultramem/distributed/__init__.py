@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ultramem import checkpoint as ckpt
 from ultramem.errors import CheckpointError, ConfigError
 
 
@@ -107,7 +108,9 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full optimiser state dict: keyed by parameter name (as :func:`full_state_dicts`
-    writes it for a sharded model) or by position (``optimizer.state_dict()``, one process)."""
+    writes it for a sharded model) or by position (``optimizer.state_dict()``, one process);
+    moments saved in an older parameter layout are upgraded first (checkpoint.upgrade_optimizer_state)."""
+    state = ckpt.upgrade_optimizer_state(model, optimizer, state)
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
