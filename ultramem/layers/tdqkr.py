@@ -296,10 +296,13 @@ class MemoryRetrieval(nn.Module):
         ``u, v`` (the op takes one core set for all its rows), so the kernels serve it
         unchanged; H is small (2 in the paper)."""
         s, tk, dt = self.spec, self.tucker, s_row.dtype
-        q_groups, _, g_size = s_row.shape[:3]
+        g_size = s_row.shape[2]
         cores, u, v = tk.cores.to(dt), tk.u.to(dt), tk.v.to(dt)
-        outs = [tucker_topk(s_row[q, :, g], s_col[q, :, g], cores[h], u[h], v[h], s.k, s.topk, impl=self.impl)
-                for q in range(q_groups) for g in range(g_size) for h in (q * g_size + g,)]
+        outs = []
+        for h in range(s.heads):
+            q, g = divmod(h, g_size)  # head h = q * G + g
+            outs.append(tucker_topk(s_row[q, :, g], s_col[q, :, g], cores[h], u[h], v[h], s.k, s.topk,
+                                    impl=self.impl))
         return torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
 
     def upgrade_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
