@@ -52,7 +52,8 @@ class RetrievalLayer(SparseLayer):
         self.add_metric("coverage", self.coverage.update(slots))
         tucker = self.retrieval.tucker
         if tucker is not None:
-            for i, sv in enumerate(tucker.singular_values().tolist()):
+            svals = tucker.singular_values()  # [r], or [H, r] per head: report the mean over heads
+            for i, sv in enumerate((svals.mean(0) if svals.dim() > 1 else svals).tolist()):
                 self.add_metric(f"tucker_sv{i}", sv)
             self.add_metric("tucker_aux", tucker.aux_loss(self.cfg.aux_alpha, self.cfg.aux_tau))
 
@@ -88,6 +89,11 @@ def check_common(cfg: Any, shape: ShapeContext, where: str, n: int, k: int) -> N
         raise ConfigError(
             f"{where}.cores={cfg.cores} needs Tucker scoring ({where}.tucker_rank >= 1); "
             "multi-core scoring splits the Tucker core"
+        )
+    if cfg.tucker_per_head and cfg.tucker_rank == 0:
+        raise ConfigError(
+            f"{where}.tucker_per_head=true needs Tucker scoring ({where}.tucker_rank >= 1); "
+            f"set {where}.tucker_rank or {where}.tucker_per_head=false"
         )
     if cfg.value_dim < 0:
         raise ConfigError(f"{where}.value_dim={cfg.value_dim}; allowed: 0 (= d_model) or a positive size")

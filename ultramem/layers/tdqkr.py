@@ -6,9 +6,9 @@ PKM / Memory+ (math.md §2, §5), whose product keys are TDQKR with the Tucker c
   (accounting without weights).
 - :class:`CausalQueryConv` -- causal depthwise 1-D conv over the sequence before the query
   projection, with a rolling decode state (math.md §3.11).
-- :class:`TuckerCores` -- the ``h_c`` Tucker cores ``[h_c, r, r]``, their rank-1 approximation
-  ``u, v`` refreshed once per optimiser step with sign stability, and the singular-value aux
-  loss (math.md §3.7, §3.8).
+- :class:`TuckerCores` -- the ``h_c`` Tucker cores ``[h_c, r, r]`` (``[H, h_c, r, r]`` with
+  ``tucker_per_head``, as the authors' code), their rank-1 approximation ``u, v`` refreshed once
+  per optimiser step with sign stability, and the singular-value aux loss (math.md §3.7, §3.8).
 - :class:`MemoryRetrieval` -- ``x [T, D] -> (scores [T, H, m, h_c], addr [T, H, m])``: query
   projection (heads may share queries in pairs, math.md §3.3), query/key norm (math.md §3.5),
   per-head keys with ``r`` sub-keys each, then the ``product_key_topk`` (plain sum scores, math.md
@@ -58,6 +58,7 @@ class RetrievalSpec:
     topk: int  # m per head
     k: int  # phase-1 candidates per side
     query_conv: int  # causal conv kernel (0: off)
+    tucker_per_head: bool = False  # one set of h_c cores (and u, v) per head (authors' code)
 
     @property
     def n_queries(self) -> int:
@@ -80,7 +81,8 @@ class RetrievalSpec:
         qn = {"none": 0, "batchnorm": 2 * self.query_out, "layernorm": 2 * kd, "rmsnorm": kd}[self.query_norm]
         kn = {"none": 0, "layernorm": 2 * kd, "rmsnorm": kd}[self.key_norm]
         keys = self.heads * 2 * self.n_keys * self.sub_keys * kd
-        cores = self.cores * self.tucker_rank**2 if self.tucker_rank else 0
+        per_set = self.cores * self.tucker_rank**2 if self.tucker_rank else 0
+        cores = per_set * (self.heads if self.tucker_per_head else 1)
         conv = self.d_model * self.query_conv
         return conv + self.d_model * self.query_out + qn + keys + kn + cores
 
@@ -139,23 +141,28 @@ class CausalQueryConv(nn.Module):
 class TuckerCores(nn.Module):
     """``cores [h_c, r, r]``; buffers ``u, v [r]`` = leading singular vectors of ``cores.sum(0)``.
 
-    ``u, v`` carry no gradient and change only in :meth:`refresh` (once per optimiser step);
-    their sign is chosen closest to the previous one so phase-1 selection does not flip.
+    With ``heads`` (``tucker_per_head``, math.md §3.7): one set per head, ``cores [H, h_c, r, r]``
+    and ``u, v [H, r]`` from each head's summed core, as the authors' code. ``u, v`` carry no
+    gradient and change only in :meth:`refresh` (once per optimiser step); their sign is chosen
+    closest to the previous one (per head) so phase-1 selection does not flip.
     """
 
-    def __init__(self, cores: int, rank: int) -> None:
+    def __init__(self, cores: int, rank: int, heads: int = 0) -> None:
         super().__init__()
-        self.cores = nn.Parameter(torch.empty(cores, rank, rank))
-        self.register_buffer("u", torch.empty(rank))
-        self.register_buffer("v", torch.empty(rank))
+        lead = (heads,) if heads else ()
+        self.per_head = bool(heads)
+        self.cores = nn.Parameter(torch.empty(*lead, cores, rank, rank))
+        self.register_buffer("u", torch.empty(*lead, rank))
+        self.register_buffer("v", torch.empty(*lead, rank))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Random init (paper): a shared N(0, 1/r) base plus a small per-core part, so the cores
-        start similar and each core's score is about 1/h_c of the selection score."""
-        h_c, r, _ = self.cores.shape
-        base = torch.randn(r, r) / math.sqrt(r)
-        noise = 0.1 * torch.randn(h_c, r, r) / math.sqrt(r)
+        start similar and each core's score is about 1/h_c of the selection score. Per head: an
+        independent draw of the same for each head."""
+        *lead, h_c, r, _ = self.cores.shape
+        base = torch.randn(*lead, 1, r, r) / math.sqrt(r) if lead else torch.randn(r, r) / math.sqrt(r)
+        noise = 0.1 * torch.randn(*lead, h_c, r, r) / math.sqrt(r)
         self.cores.copy_((base + noise) / h_c)
         self.u.zero_()
         self.v.zero_()
@@ -163,27 +170,31 @@ class TuckerCores(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute ``u, v`` from the summed core (r x r SVD), keeping the previous sign."""
+        """Recompute ``u, v`` from the summed core(s) (r x r SVD, batched over heads), keeping
+        the previous sign."""
         c = self.cores.detach()
         if hasattr(c, "full_tensor"):  # a DTensor shard under FSDP2: every rank needs the whole core
             c = c.full_tensor()
-        c = c.float().sum(0)
+        c = c.float().sum(-3)  # [(H,) r, r]
         uu, _, vh = torch.linalg.svd(c)
-        u, v = uu[:, 0], vh[0]
-        prev = torch.dot(self.u.float(), u) + torch.dot(self.v.float(), v)
-        if prev < 0 or (prev == 0 and u[u.abs().argmax()] < 0):
-            u, v = -u, -v
-        self.u.copy_(u)
-        self.v.copy_(v)
+        u, v = uu[..., :, 0], vh[..., 0, :]  # [(H,) r]
+        prev = (self.u.float() * u).sum(-1) + (self.v.float() * v).sum(-1)
+        lead = u.gather(-1, u.abs().argmax(-1, keepdim=True)).squeeze(-1)  # largest entry of u
+        flip = (prev < 0) | ((prev == 0) & (lead < 0))
+        sign = 1.0 - 2.0 * flip.float().unsqueeze(-1)
+        self.u.copy_(u * sign)
+        self.v.copy_(v * sign)
 
     def singular_values(self) -> torch.Tensor:
-        """Singular values of the summed core, descending (differentiable)."""
-        return torch.linalg.svdvals(self.cores.float().sum(0))
+        """Singular values of the summed core, descending (differentiable): ``[r]``, or
+        ``[H, r]`` per head."""
+        return torch.linalg.svdvals(self.cores.float().sum(-3))
 
     def aux_loss(self, alpha: float, tau: float) -> torch.Tensor:
-        """``alpha * mean_{i>=2} relu(sigma_i - tau)^2`` (math.md §3.7)."""
+        """``alpha * mean_{i>=2} relu(sigma_i - tau)^2`` (math.md §3.7); per head, the mean is
+        also over heads (as the authors' code)."""
         s = self.singular_values()
-        return alpha * F.relu(s[1:] - tau).pow(2).mean()
+        return alpha * F.relu(s[..., 1:] - tau).pow(2).mean()
 
 
 class MemoryRetrieval(nn.Module):
@@ -199,7 +210,8 @@ class MemoryRetrieval(nn.Module):
         # [row/col, H, N, r, K]: per-head keys, each with r sub-keys (math.md §3.7); side-major, so
         # each side's keys are one contiguous [H * N * r, K] matrix for the score matmul
         self.keys = nn.Parameter(torch.empty(2, spec.heads, spec.n_keys, spec.sub_keys, spec.key_dim))
-        self.tucker = TuckerCores(spec.cores, spec.tucker_rank) if spec.tucker_rank else None
+        per_head = spec.heads if spec.tucker_per_head else 0
+        self.tucker = TuckerCores(spec.cores, spec.tucker_rank, per_head) if spec.tucker_rank else None
         self._key_cache: tuple[tuple, torch.Tensor] | None = None  # see normed_keys
         self.register_load_state_dict_pre_hook(_upgrade_hook)
 
@@ -267,6 +279,8 @@ class MemoryRetrieval(nn.Module):
         if self.tucker is None:
             scores, addr = product_key_topk(s_row[..., 0], s_col[..., 0], s.k, s.topk, impl=self.impl)
             scores = scores.unsqueeze(-1)
+        elif self.tucker.per_head:
+            return self._per_head_topk(s_row, s_col)
         else:
             tk = self.tucker
             scores, addr = tucker_topk(s_row, s_col, tk.cores.to(s_row.dtype), tk.u.to(s_row.dtype),
@@ -275,6 +289,21 @@ class MemoryRetrieval(nn.Module):
         t = x.shape[0]
         return (scores.transpose(0, 1).reshape(t, s.heads, *scores.shape[3:]),
                 addr.transpose(0, 1).reshape(t, s.heads, s.topk))
+
+    def _per_head_topk(self, s_row: torch.Tensor, s_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tucker_per_head``: ``s_row, s_col [Q, T, G, N, r]`` -> ``(scores [T, H, m, h_c],
+        addr [T, H, m])``. One :func:`tucker_topk` call per head with that head's cores and
+        ``u, v`` (the op takes one core set for all its rows), so the kernels serve it
+        unchanged; H is small (2 in the paper)."""
+        s, tk, dt = self.spec, self.tucker, s_row.dtype
+        g_size = s_row.shape[2]
+        cores, u, v = tk.cores.to(dt), tk.u.to(dt), tk.v.to(dt)
+        outs = []
+        for h in range(s.heads):
+            q, g = divmod(h, g_size)  # head h = q * G + g
+            outs.append(tucker_topk(s_row[q, :, g], s_col[q, :, g], cores[h], u[h], v[h], s.k, s.topk,
+                                    impl=self.impl))
+        return torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
 
     def upgrade_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
         """Rewrite, in place, this module's entries of a state dict saved in an older layout: the

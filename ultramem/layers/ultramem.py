@@ -52,6 +52,7 @@ class UltraMemConfig(MemoryLayerConfig):
     tucker_rank: int = 2  # §3.7 TDQKR rank r (0: plain product-key sum scores)
     per_rank_query: bool = False  # §3.7 option: a separate query per rank
     cores: int = 2  # §3.8 h_c (needs tucker_rank >= 1 when > 1)
+    tucker_per_head: bool = False  # §3.7: one set of cores and u, v per head (authors' code; off: shared)
     aux_alpha: float = 0.001  # §3.7 singular-value aux loss weight (0: off)
     aux_tau: float = 0.15  # §3.7 margin
     init: str = "improved"  # §3.9: "improved" (Appendix A) | "pkm" (values N(0, 1/D_v)) | "authors"
@@ -86,6 +87,7 @@ class UltraMemConfig(MemoryLayerConfig):
             per_rank_query=self.per_rank_query, cores=self.cores if self.tucker_rank else 1,
             query_norm=self.query_norm, key_norm=self.key_norm, topk=self.topk,
             k=self.k or self.topk, query_conv=self.query_conv,
+            tucker_per_head=self.tucker_per_head,
         )
 
     # ---- accounting (math.md §1) -----------------------------------------------------------

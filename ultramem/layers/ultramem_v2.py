@@ -55,6 +55,7 @@ class UltraMemV2Config(MemoryLayerConfig):
     tucker_rank: int = 2  # r (0: product-key sum scores)
     per_rank_query: bool = False  # §3.7 option (V2 found it slightly better; off in the public config)
     cores: int = 2  # h_c
+    tucker_per_head: bool = False  # §3.7: one set of cores and u, v per head (authors' code; off: shared)
     aux_alpha: float = 0.0  # §4.6: Tucker aux loss off
     aux_tau: float = 0.15
     share_ratio: float = 0.5  # §4.4: P' = share_ratio * P_all, in (0, 1]
@@ -102,6 +103,7 @@ class UltraMemV2Config(MemoryLayerConfig):
             per_rank_query=self.per_rank_query, cores=self.cores if self.tucker_rank else 1,
             query_norm=self.query_norm, key_norm=self.key_norm, topk=self.topk,
             k=self.k or min(self.topk, 128), query_conv=self.query_conv,
+            tucker_per_head=self.tucker_per_head,
         )
 
     # ---- accounting (math.md §1) -----------------------------------------------------------
