@@ -36,13 +36,20 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import decode_parts as parts  # noqa: E402
+from decode import fits_kv  # noqa: E402 -- one memory rule for both sweeps
 
 from ultramem.inference import bench  # noqa: E402
 from ultramem.inference.engine import Engine  # noqa: E402
 from ultramem.inference.sampling import Sampling  # noqa: E402
 from ultramem.presets import get_preset  # noqa: E402
 
-GPU_BYTES = 128e9  # what weights + state may take (of the H200's ~139 GiB)
+# HF generate() rows: (label, generate kwargs, new tokens); the dry run's tiny Llama shape
+HF_SETTINGS = [("HF generate, default (dynamic) cache", {}, 32),
+               ("HF generate, static cache, compile disabled", {"cache_implementation": "static",
+                                                                  "disable_compile": True}, 32),
+               ("HF generate, static cache (its auto compile)", {"cache_implementation": "static"}, 128)]
+HF_DRY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "vocab_size": 512}
 FULL = {
     "1.6b-x12": ["moe-1.6b-2in34", "dense-1.6b", "ultramem-1.6b-x12"],  # the MoE first: priority 1
     "1b-7b": ["dense-1b", "ultramem-v2-1b-7b", "olmoe-1b-7b"],
@@ -95,18 +102,6 @@ class Suite:
         if not self.dry:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-
-
-def fits_kv(model, batch: int, kv: int) -> int:
-    """Largest kv <= ``kv`` (halving) whose weights + K/V + logits fit ``GPU_BYTES``."""
-    cfg = model.cfg
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    while kv >= 128:
-        state = len(model.blocks) * 2 * batch * kv * cfg.kv_heads * cfg.head_dim * 2
-        if weights + state + 4 * batch * cfg.vocab_size * 4 < GPU_BYTES:
-            return kv
-        kv //= 2
-    return 0
 
 
 def build(run: Suite, name: str, cfg=None):
@@ -285,12 +280,7 @@ def others(run: Suite) -> None:
     except Exception as err:  # noqa: BLE001
         run.note(f"lucidrains ultra-mem: {type(err).__name__}: {str(err)[:300]}")
     run.sync()
-    settings = [("HF generate, default (dynamic) cache", {}, 32),
-                ("HF generate, static cache, compile disabled", {"cache_implementation": "static",
-                                                                   "disable_compile": True}, 32),
-                ("HF generate, static cache (its auto compile)", {"cache_implementation": "static"}, 128)]
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "vocab_size": 512} if run.dry else None
+    settings, small = HF_SETTINGS, HF_DRY_SHAPE if run.dry else None
     for r in parts.hf_generate(settings, run.left, device=run.dev, small=small):
         run.add("hf", r)
 
@@ -305,12 +295,7 @@ def second(run: Suite) -> None:
         t = time.time()
         while time.time() - t < 1:
             warm @ warm
-    settings = [("HF generate, default (dynamic) cache", {}, 32),
-                ("HF generate, static cache, compile disabled", {"cache_implementation": "static",
-                                                                   "disable_compile": True}, 32),
-                ("HF generate, static cache (its auto compile)", {"cache_implementation": "static"}, 128)]
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "vocab_size": 512} if run.dry else None
+    settings, small = HF_SETTINGS, HF_DRY_SHAPE if run.dry else None
     for r in parts.hf_generate(settings, lambda: run.left() - 35, device=run.dev, small=small):
         run.add("hf", r)
     base = "tiny-ultramem" if run.dry else "ultramem-227m-1.2b"
@@ -353,7 +338,7 @@ def main() -> None:
     if args.second:
         second(run)
         return
-    else:
+    if not run.dry:
         warm = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
         t = time.time()
         while time.time() - t < 2:  # clocks up

@@ -156,7 +156,7 @@ def test_widths_grouped_mm_cannot_stride_take_the_loop_or_raise(monkeypatch):
     with pytest.warns(UserWarning, match="hidden=20"):
         assert odd.path_for(8, cpu, torch.bfloat16) == "loop"
     strict = MoEConfig(n_experts=4, top_k=2, hidden=20, gather_max=0, impl="grouped_mm").build(SHAPE)
-    with pytest.raises(ConfigError, match="multiples of 8 in torch.bfloat16 \\(hidden=20\\)"):
+    with pytest.raises(ConfigError, match="multiples of 8 in torch.bfloat16 \\(hidden=20; pick multiples of 8\\)"):
         strict.path_for(8, cpu, torch.bfloat16)
 
 

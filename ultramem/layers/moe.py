@@ -259,9 +259,10 @@ class MoE(SparseLayer):
             bad = [f"{n}={v}" for n, v in (("d_model", self.w_up.shape[1]), ("hidden", self.cfg.hidden)) if v % step]
             if not bad:
                 return "grouped"
-            why = f"torch._grouped_mm needs widths that are multiples of {step} in {dtype} ({', '.join(bad)})"
+            why = (f"torch._grouped_mm needs widths that are multiples of {step} in {dtype} ({', '.join(bad)}; "
+                   f"pick multiples of {step})")
         if impl == "grouped_mm":
-            raise ConfigError(f"moe.impl='grouped_mm' but {why}; use impl='auto', or a multiple of 8 for the widths")
+            raise ConfigError(f"moe.impl='grouped_mm' but {why}; use impl='auto'")
         warnings.warn(f"MoE: {why}; using the per-expert loop (synchronises with the host)", stacklevel=3)
         return "loop"
 
