@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ultramem.errors import CheckpointError
+from ultramem.outdir import fsync_dir
 
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "optimizer.pt", "state.pt", "config.json")
@@ -79,14 +80,6 @@ def sha256_file(path: Path) -> str:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_files(tmp: Path, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],

@@ -1,5 +1,6 @@
 """The ``--out`` directory of a command (``data prepare``, ``train``): created with its parents,
-or a one-line error when it cannot hold the output. Imports only :mod:`ultramem.errors`."""
+or a one-line error when it cannot hold the output; and :func:`fsync_dir`, which makes the
+renames inside a directory durable (data shards, checkpoints). Imports only :mod:`ultramem.errors`."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ def make_out_dir(path: str | Path, error: type[UltramemError]) -> Path:
     if not os.access(path, os.W_OK):
         raise error(f"--out {path}: not writable; choose another --out")
     return path
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync the directory ``path`` itself, so the entries renamed into it survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

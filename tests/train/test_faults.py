@@ -125,7 +125,7 @@ def test_kill_9_during_checkpoint_save_then_exact_resume(point, slice_data, tmp_
 PREPARE_POINTS = {
     "mid-shards": ("prep._SplitWriter._flush", 2, "old"),  # the 2nd shard being written
     "before-index": ("prep._write_index", 1, "old"),  # shards renamed into place, index not replaced
-    "before-cleanup": ("prep._fsync_dir", 2, "new"),  # index replaced, old shards not deleted yet
+    "before-cleanup": ("prep.fsync_dir", 2, "new"),  # index replaced, old shards not deleted yet
 }
 
 

@@ -40,7 +40,7 @@ from ultramem.data.corpus import Document
 from ultramem.data.index import FORMAT_VERSION, INDEX, load_index
 from ultramem.data.tokenizer import Tokenizer
 from ultramem.errors import DataError
-from ultramem.outdir import make_out_dir
+from ultramem.outdir import fsync_dir, make_out_dir
 
 __all__ = ["INDEX", "load_index", "prepare_documents", "prepare_npy"]
 SHARD_TOKENS = 1 << 25  # 32 M tokens per shard (64 MiB as uint16)
@@ -121,7 +121,7 @@ def prepare_documents(
             docs = tqdm(docs, desc=f"preparing {out}", unit="doc", dynamic_ncols=True, disable=None)  # off when not a tty
         splits = _write_shards(docs, tmp, tok, val_fraction, shard_tokens, batch_docs)
         shutil.copyfile(tok.path, tmp / "tokenizer.json")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, out / gen)
     except BaseException:  # bad input, interrupt, full disk: the previous dataset stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,18 +186,10 @@ def _make_out(out: str | Path) -> Path:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swap_index(out: Path, index: dict, keep: str | None = None) -> None:
     """Replace ``out/index.json`` atomically, then delete what the previous index used."""
     _write_index(out, index)
-    _fsync_dir(out)
+    fsync_dir(out)
     for d in out.glob("shards-*"):
         if d.is_dir() and d.name != keep:
             shutil.rmtree(d, ignore_errors=True)
