@@ -22,6 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from ultramem.inference.bench import time_eager  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -39,18 +40,7 @@ def rec(**row) -> None:
 
 
 def _events(fn, warmup: int = 2, reps: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
+    return time_eager(fn, calls=1, reps=reps, warmup=warmup)
 
 
 def _graph_or_eager(fn) -> tuple[float, bool]:

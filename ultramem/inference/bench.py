@@ -96,15 +96,34 @@ def time_replays(fn: Callable[[], None], calls: int = 20, reps: int = 15) -> flo
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    ms = _median_event_ms(graph.replay, reps, calls)
+    del graph
+    return ms
+
+
+def time_eager(fn: Callable[[], None], calls: int = 1, reps: int = 15, warmup: int = 3) -> float:
+    """Median ms per ``fn``, eager: CUDA events around ``calls`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return _median_event_ms(run, reps, calls)
+
+
+def _median_event_ms(run: Callable[[], None], reps: int, per: int) -> float:
+    """Median over ``reps`` of CUDA-event ms around ``run()``, divided by the ``per`` calls it makes."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
+        times.append(start.elapsed_time(end) / per)
     return sorted(times)[len(times) // 2]
 
 
@@ -128,19 +147,7 @@ def decode_step_ms(model: Transformer, batch: int, kv: int, overlap: bool = Fals
 
     if graphs:
         return time_replays(step, calls, reps)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+    return time_eager(step, calls, reps)
 
 
 def copy_gbps(numel: int = 1 << 29) -> float:
