@@ -239,13 +239,20 @@ def upgrade_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[
     return out
 
 
+def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each of ``optimizer``'s parameters in the order of its groups: position ``i``
+    of a positional optimiser state dict (``optimizer.state_dict()``) is ``names[i]``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def upgrade_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """A copy of a full optimiser state dict (keyed by position, as ``optimizer.state_dict()``,
     or by parameter name) whose per-parameter tensors of the parameter's size (AdamW's moments)
     are rewritten like the weights (:func:`upgrade_weights`), so a checkpoint saved before a
     layout change resumes training, not only loads."""
     params = dict(model.named_parameters())
-    order = [n for g in optimizer.param_groups for p in g["params"] for n, q in params.items() if q is p]
+    order = optimizer_param_names(model, optimizer)
     out = {**state, "state": {}}
     for key, pstate in state.get("state", {}).items():
         name = order[key] if isinstance(key, int) and key < len(order) else key

@@ -126,8 +126,7 @@ def _keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: di
     """A positional optimiser state dict (a one-process checkpoint resumed sharded) keyed by
     parameter name instead: position ``i`` is the ``i``-th parameter of ``optimizer``'s groups,
     the order ``optimizer.load_state_dict`` assumes too (same config, same groups)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    order = ckpt.optimizer_param_names(model, optimizer)
     if len(order) != sum(len(g["params"]) for g in state["param_groups"]):
         raise CheckpointError(f"the checkpoint's optimiser state has {sum(len(g['params']) for g in state['param_groups'])} "
                               f"parameters, the model {len(order)}; was the config changed?")
