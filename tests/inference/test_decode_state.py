@@ -24,6 +24,17 @@ def tiny(name: str, **model_kw) -> Transformer:
     return model
 
 
+def decode_steps(model: Transformer, state: DecodeState, seqs: list[torch.Tensor], lens: list[int], steps: int,
+                 got: list[list[torch.Tensor]]) -> None:
+    """Feed each sequence's next ``steps`` tokens after its prompt of ``lens[b]``, one step at a
+    time, appending each step's logits to ``got[b]``."""
+    for t in range(steps):
+        step = torch.stack([seq[n + t] for seq, n in zip(seqs, lens)]).view(len(seqs), 1)
+        logits = model(step, state=state).logits
+        for b in range(len(seqs)):
+            got[b].append(logits[b, 0])
+
+
 def full_logits(model: Transformer, seq: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(seq.view(1, -1)).logits[0]
@@ -49,11 +60,7 @@ def test_ragged_chunked_prefill_then_steps_equal_full_forward(name):
             for b in range(3):
                 got[b] += list(logits[b, : int(n[b])])
         assert state.pos.tolist() == lens
-        for t in range(5):
-            step = torch.stack([seqs[b][lens[b] + t] for b in range(3)]).view(3, 1)
-            logits = model(step, state=state).logits
-            for b in range(3):
-                got[b].append(logits[b, 0])
+        decode_steps(model, state, seqs, lens, 5, got)
     for b in range(3):
         ref = full_logits(model, seqs[b])
         err = (torch.stack(got[b]) - ref).abs().max().item()
@@ -126,11 +133,7 @@ def test_gpu_bf16_cached_decoding_equals_full_forward(name, overlap):
         logits = model(ids, state=state, lengths=torch.tensor(lens, device="cuda")).logits
         for b, n in enumerate(lens):
             got[b] += list(logits[b, :n])
-        for t in range(4):
-            step = torch.stack([seqs[b][lens[b] + t] for b in range(2)]).view(2, 1)
-            out = model(step, state=state).logits
-            for b in range(2):
-                got[b].append(out[b, 0])
+        decode_steps(model, state, seqs, lens, 4, got)
     for b in range(2):
         ref = full_logits(model, seqs[b]).float()
         err = (torch.stack(got[b]).float() - ref).abs().max().item()
