@@ -38,7 +38,7 @@ OVERLAP = {"command": "python benchmarks/explore/quality_overlap.py --data data/
                        "16": {"full": 0.2430006525136952, "slice": 0.317657470703125}},
            "meaning": "fraction of validation target tokens whose n-gram ending at them occurs in the "
                       "training stream; 'slice' = the first 131,072 targets, which train.eval_batches=8 "
-                      "scores (35 torch files), 'full' = all 1,185,792"}
+                      "scores (96 torch files), 'full' = all 1,185,792"}
 
 
 def load(name: str) -> dict:
