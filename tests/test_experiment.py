@@ -116,7 +116,8 @@ def test_after_run_full_validation_scores_every_val_token(tmp_path, slice_data):
     spec = _spec(tmp_path, [{"name": "u", "preset": "tiny-ultramem"}],
                  after={"val_full": True, "keep_checkpoints": True})
     out = tmp_path / "out"
-    res = run_experiment(str(spec), out, [f"data.path={slice_data}", "train.checkpoint=true"], progress=False)
+    res = run_experiment(str(spec), out, [f"data.path={slice_data}", "train.checkpoint=true", "train.batch_size=64"],
+                         progress=False)  # batches of 64 windows: the whole val split in ~90 forwards
     row = res["runs"][0]
     losses = np.load(out / "runs" / "u" / "val_token_losses.npy")
     assert losses.size == row["val_tokens_full"] and losses.size % 32 == 0  # whole windows of seq_len 32
@@ -124,7 +125,7 @@ def test_after_run_full_validation_scores_every_val_token(tmp_path, slice_data):
     assert abs(float(losses.astype(np.float64).mean()) - row["val_loss_full"]) < 1e-2  # float16 storage
     assert list(row["val_loss_by_position"]) == ["0-0", "1-1", "2-3", "4-7", "8-15", "16-31"]
     loaded = load_run(out / "runs" / "u", torch.device("cpu"))
-    batches = TokenBatches(slice_data, "val", 32, 2, shuffle=False)
-    n_full = len(batches) // 2 * 2 * 32  # evaluate_loss scores whole batches only
+    batches = TokenBatches(slice_data, "val", 32, 64, shuffle=False)
+    n_full = len(batches) // 64 * 64 * 32  # evaluate_loss scores whole batches only
     ref, n = evaluate_loss(loaded.model, batches, torch.device("cpu"), "fp32")
     assert n == n_full and abs(ref - float(losses[:n].astype(np.float64).mean())) < 1e-2

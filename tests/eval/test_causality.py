@@ -67,5 +67,6 @@ def test_family_models_are_causal_on_the_gpu_kernels(family):
         model = Transformer.build(cfg.model, "cuda")
         idx = torch.randint(0, cfg.model.vocab_size, (16, 1024), device="cuda")
         rep = check_causality(model, idx, cut=517, autocast=torch.autocast("cuda", dtype=torch.bfloat16), rel=1e-2)
-        assert not rep["leak"], (run["name"], rep)
+        batchnorm = getattr(cfg.model.memory, "query_norm", None) == "batchnorm"  # PKM: sees the batch (above)
+        assert rep["leak"] == batchnorm, (run["name"], rep)
         del model
