@@ -101,3 +101,31 @@ def test_parallel_jobs_with_after_run_probes(tmp_path, slice_data):
         assert (out / "runs" / f"{r['name']}.log").is_file()
         assert not (out / "runs" / r["name"] / "checkpoints").exists()  # keep_checkpoints: false
     assert on_disk["runs"][0]["val_loss"] != on_disk["runs"][1]["val_loss"]  # two seeds, two runs
+
+
+def test_after_run_full_validation_scores_every_val_token(tmp_path, slice_data):
+    """val_full: the whole val split, token by token; its mean is the loss of the sequential
+    evaluation over the same windows, and the per-document / per-position figures add up."""
+    import numpy as np
+    import torch
+
+    from ultramem.data.loader import TokenBatches
+    from ultramem.eval.loss import evaluate_loss
+    from ultramem.inference.load import load_run
+
+    spec = _spec(tmp_path, [{"name": "u", "preset": "tiny-ultramem"}],
+                 after={"val_full": True, "keep_checkpoints": True})
+    out = tmp_path / "out"
+    res = run_experiment(str(spec), out, [f"data.path={slice_data}", "train.checkpoint=true", "train.batch_size=64"],
+                         progress=False)  # batches of 64 windows: the whole val split in ~90 forwards
+    row = res["runs"][0]
+    losses = np.load(out / "runs" / "u" / "val_token_losses.npy")
+    assert losses.size == row["val_tokens_full"] and losses.size % 32 == 0  # whole windows of seq_len 32
+    assert sum(row["val_tokens_by_document"]) == losses.size and len(row["val_loss_by_document"]) > 1
+    assert abs(float(losses.astype(np.float64).mean()) - row["val_loss_full"]) < 1e-2  # float16 storage
+    assert list(row["val_loss_by_position"]) == ["0-0", "1-1", "2-3", "4-7", "8-15", "16-31"]
+    loaded = load_run(out / "runs" / "u", torch.device("cpu"))
+    batches = TokenBatches(slice_data, "val", 32, 64, shuffle=False)
+    n_full = len(batches) // 64 * 64 * 32  # evaluate_loss scores whole batches only
+    ref, n = evaluate_loss(loaded.model, batches, torch.device("cpu"), "fp32")
+    assert n == n_full and abs(ref - float(losses[:n].astype(np.float64).mean())) < 1e-2

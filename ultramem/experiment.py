@@ -25,7 +25,14 @@ the next one starts; SIGINT/SIGTERM stop the experiment after the current run sa
 
     "after": {"english": true, "english_batches": null,        # loss on the bundled English slice
               "probes": {"people": 360, "n": 400, "seed": 0},  # ultramem.eval.probes.run_probes
+              "val_full": true,                                # every validation token (below)
               "keep_checkpoints": false}                       # delete a finished run's checkpoints
+
+``val_full`` scores the whole validation split (the training curve's ``train.eval_batches``
+read only its first windows, i.e. the first documents): ``val_loss_full``, the loss by
+position in the window (``val_loss_by_position``, log-spaced bins) and by document (the
+split's documents in stream order, split at ``<|endoftext|>``); the per-token losses are kept
+in ``val_token_losses.npy`` (float16, stream order) for analyses across runs.
 
 Its figures go to ``DIR/runs/<name>/after.json`` and into the run's row.
 """
@@ -42,14 +49,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ultramem.accounting import count
 from ultramem.config import Config
+from ultramem.data.index import load_index
+from ultramem.data.loader import TokenBatches, split_tokens
 from ultramem.data.tokenizer import default_tokenizer_path
 from ultramem.errors import ConfigError
 from ultramem.eval.cli import evaluate_run
-from ultramem.eval.loss import autocast_ctx
+from ultramem.eval.loss import autocast_ctx, token_losses
 from ultramem.eval.probes import run_probes
 from ultramem.inference.load import load_run
 from ultramem.resolve import load_config
@@ -143,6 +153,8 @@ def run_after(run_dir: Path, after: dict[str, Any], summary: dict[str, Any]) -> 
         english = default_tokenizer_path().parent / "corpus_slice.txt"
         out["val_loss_english"] = evaluate_run(str(run_dir), str(english), split="train", device=str(dev),
                                                max_batches=after.get("english_batches"))["loss"]
+    if after.get("val_full"):
+        out.update(full_validation(run_dir, dev))
     if after.get("probes"):
         pr = after["probes"]
         loaded = load_run(run_dir, dev)
@@ -156,6 +168,33 @@ def run_after(run_dir: Path, after: dict[str, Any], summary: dict[str, Any]) -> 
     if not after.get("keep_checkpoints", True) and not summary.get("interrupted"):
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return out
+
+
+POSITION_BINS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # window positions [b_i, b_i+1), last: to the end
+
+
+def full_validation(run_dir: Path, dev: torch.device) -> dict[str, Any]:
+    """Loss of the trained run on every validation token (see the module docstring); writes
+    ``run_dir/val_token_losses.npy``."""
+    loaded = load_run(run_dir, dev)
+    cfg = loaded.cfg
+    batches = TokenBatches(cfg.data.path, "val", cfg.data.seq_len, cfg.train.batch_size, shuffle=False,
+                           vocab_size=cfg.model.vocab_size)
+    losses = token_losses(loaded.model, batches, dev, cfg.train.dtype)  # [W, S]
+    del loaded
+    np.save(run_dir / "val_token_losses.npy", losses.numpy().astype(np.float16).reshape(-1))
+    seq = losses.shape[1]
+    edges = [b for b in POSITION_BINS if b < seq] + [seq]
+    by_pos = {f"{a}-{b - 1}": float(losses[:, a:b].mean()) for a, b in zip(edges, edges[1:])}
+    stream = np.concatenate([np.asarray(a) for a in split_tokens(cfg.data.path, "val")])
+    eot = load_index(cfg.data.path)["eot_id"]
+    n = losses.numel()
+    doc = np.cumsum(stream[:n] == eot)  # flat i predicts stream[i + 1]: its document = EOTs in stream[:i + 1]
+    flat = losses.reshape(-1).double().numpy()
+    tokens = np.bincount(doc)
+    by_doc = np.bincount(doc, weights=flat) / np.maximum(tokens, 1)
+    return {"val_loss_full": float(flat.mean()), "val_tokens_full": int(n), "val_loss_by_position": by_pos,
+            "val_loss_by_document": [round(float(v), 4) for v in by_doc], "val_tokens_by_document": tokens.tolist()}
 
 
 def _train_one(cfg: Config, run_dir: Path, after: dict[str, Any], progress: bool) -> dict[str, Any]:

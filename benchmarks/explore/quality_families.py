@@ -1,6 +1,7 @@
 """Build docs/results/quality.json and the family / ladder figures from session 5's GPU rounds.
 
     python benchmarks/explore/quality_families.py    # reads docs/results/quality/s5-*-h200.json
+                                                     # and session 6's s6-* (quality_s6.py)
 
 Round 1 (`OUT=... bash benchmarks/explore/quality_gpu.sh`) gave s5-v1 / s5-v2 / s5-repro; round 2
 (`ROUND=2 ...`) the v1 MoE (round 1's failed on a stride check) and the ladder.
@@ -15,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from quality_s6 import add_session6  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RES = ROOT / "docs" / "results"
@@ -115,6 +117,7 @@ def main() -> None:
         "ablation_ladder": ladder(lad, RES / "quality-ladder.png"),
         "diagnosis": "docs/results/quality/diagnosis-s4.json (session 4)",
     }
+    doc = add_session6(doc)
     (RES / "quality.json").write_text(json.dumps(doc, indent=1) + "\n")
     curves(fam_v1, "v1 family (D 384, 8 blocks, ~140 M params, ~36.5 MFLOPs/token; dense is the host)", RES / "quality-v1.png")
     curves(fam_v2, "V2 family (D 384, 8 blocks, OLMoE host, ~118 M params, ~38.3 MFLOPs/token)", RES / "quality-v2.png")

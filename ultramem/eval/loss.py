@@ -12,6 +12,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ultramem.data.loader import TokenBatches
@@ -51,3 +52,26 @@ def bits_per_byte(loss_nats: float, tokens: int, split_tokens: int, split_bytes:
     if not split_bytes or not split_tokens:
         return None
     return loss_nats * tokens / math.log(2) / (split_bytes * tokens / split_tokens)
+
+
+@torch.no_grad()
+def token_losses(model: nn.Module, batches: TokenBatches, device: torch.device, dtype: str = "auto") -> torch.Tensor:
+    """Loss (nats, fp32, on the CPU) of every predicted token of the whole split, ``[W, S]`` for
+    its ``W`` windows of ``S`` tokens in stream order (unshuffled ``batches``; the last, partial
+    batch included). Row ``w`` predicts stream tokens ``w S + 1 .. w S + S``; column ``p`` is the
+    position in the window (context length ``p``), so ``mean(0)`` is the per-position curve."""
+    if batches.shuffle:
+        raise ValueError("token_losses needs unshuffled batches (stream order)")
+    was_training = model.training
+    model.eval()
+    out = []
+    n_win, bsz = len(batches), batches.batch_size
+    for k in range((n_win + bsz - 1) // bsz):
+        x, y = batches.batch(k)
+        keep = min(bsz, n_win - k * bsz)  # the last batch would wrap around to the start
+        x, y = x[:keep].to(device), y[:keep].to(device)
+        with autocast_ctx(device, dtype):
+            logits = model(x).logits
+        out.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y).cpu())
+    model.train(was_training)
+    return torch.cat(out)
