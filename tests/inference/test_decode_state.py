@@ -113,12 +113,26 @@ def test_allocate_rejects_bad_sizes():
         DecodeState.allocate(model, 0, 8)
 
 
+def test_allocate_resolves_and_rejects_attention(monkeypatch):
+    """CPU (no interpreter): 'auto' is SDPA; 'split_kv' needs the kernels; a typo is one line."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = tiny("tiny-dense")
+    assert DecodeState.allocate(model, 1, 8).kv[0].attention == "sdpa"
+    assert DecodeState.allocate(model, 1, 8).narrow(1).kv[0].attention == "sdpa"
+    with pytest.raises(ConfigError, match="split_kv.*CUDA"):
+        DecodeState.allocate(model, 1, 8, attention="split_kv")
+    with pytest.raises(ConfigError, match="'flash' is not one of auto, sdpa, split_kv"):
+        DecodeState.allocate(model, 1, 8, attention="flash")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["split_kv", "sdpa"])
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("name", TINY)
-def test_gpu_bf16_cached_decoding_equals_full_forward(name, overlap):
-    """bf16 on CUDA, ragged prefill + steps, memory layers on a side stream or not: logits
-    within bf16 tolerance (2 % of the largest logit) of each sequence's own full forward."""
+def test_gpu_bf16_cached_decoding_equals_full_forward(name, overlap, attention):
+    """bf16 on CUDA, ragged prefill + steps, memory layers on a side stream or not, one-token
+    steps through the split-KV kernels or SDPA: logits within bf16 tolerance (2 % of the largest
+    logit) of each sequence's own full forward."""
     torch.manual_seed(0)
     model = tiny(name).cuda().to(torch.bfloat16)
     lens = [3, 7]
@@ -126,8 +140,8 @@ def test_gpu_bf16_cached_decoding_equals_full_forward(name, overlap):
     ids = torch.zeros(2, 7, dtype=torch.long, device="cuda")
     for b, n in enumerate(lens):
         ids[b, :n] = seqs[b][:n]
-    state = DecodeState.allocate(model, 2, 12, overlap=overlap)
-    assert (state.side is not None) == overlap
+    state = DecodeState.allocate(model, 2, 12, overlap=overlap, attention=attention)
+    assert (state.side is not None) == overlap and state.kv[0].attention == attention
     got: list[list[torch.Tensor]] = [[], []]
     with torch.no_grad():
         logits = model(ids, state=state, lengths=torch.tensor(lens, device="cuda")).logits
@@ -137,4 +151,4 @@ def test_gpu_bf16_cached_decoding_equals_full_forward(name, overlap):
     for b in range(2):
         ref = full_logits(model, seqs[b]).float()
         err = (torch.stack(got[b]).float() - ref).abs().max().item()
-        assert err < 0.02 * ref.abs().max().item(), (name, overlap, b, err)
+        assert err < 0.02 * ref.abs().max().item(), (name, overlap, attention, b, err)

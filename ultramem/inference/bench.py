@@ -129,14 +129,16 @@ def _median_event_ms(run: Callable[[], None], reps: int, per: int) -> float:
 
 @torch.no_grad()
 def decode_step_ms(model: Transformer, batch: int, kv: int, overlap: bool = False, graphs: bool = True,
-                   calls: int = 20, reps: int = 15, compile: bool | dict = False) -> float:
+                   calls: int = 20, reps: int = 15, compile: bool | dict = False, attention: str = "auto") -> float:
     """Median ms of one greedy decode step at ``batch`` sequences with ``kv`` cached positions.
 
     The step (the engine's, attention over all ``kv`` positions) is preceded in the graph by
     one tiny kernel that resets the positions to ``kv - 1``, so every replay does the same
     work. ``graphs=False``: eager steps, timed with CUDA events around ``calls`` steps.
-    ``compile``: the step's forward through ``torch.compile`` first (:class:`Engine`)."""
-    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False, overlap=overlap, compile=compile)
+    ``compile``: the step's forward through ``torch.compile`` first; ``attention``: how the step
+    reads the cache (:class:`Engine`)."""
+    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False, overlap=overlap, compile=compile,
+                    attention=attention)
     bk = engine.bucket(batch)
     bk.state.kv_len = kv
     bk.tokens.random_(0, model.cfg.vocab_size)

@@ -4,6 +4,11 @@ Without a cache, the forward is the training one: causal SDPA over ``[B, S]``. W
 :class:`~ultramem.model.decode_state.KVCache`, each sequence's tokens are written at its own
 ``positions [B, S]`` and attend to cache positions ``<= position`` (a mask, not ``is_causal``),
 so ragged batches, chunked prefill and one-token steps are one code path.
+
+One-token steps whose cache says ``attention="split_kv"`` (the default on CUDA, see
+:meth:`DecodeState.allocate`) take the decode kernels instead (``ops/decode_attention``): one
+fused rotary + cache write, then split-KV attention that reads each sequence's cache only up to
+its length. Same math; prefill and the CPU keep the SDPA path.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultramem.model.decode_state import KVCache
+from ultramem.ops.decode_attention import decode_attention, rope_write
 
 
 class Rotary(nn.Module):
@@ -83,9 +89,13 @@ class Attention(nn.Module):
         """``x [B, S, D]``; with ``cache``: ``positions [B, S]`` where this call's tokens go and
         ``kv_len`` how many cache positions to read (default all)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        if cache is not None and s == 1 and cache.attention == "split_kv":
+            y = self._decode_step(q[:, 0], k[:, 0], v[:, 0], cache, positions[:, 0], kv_len or cache.k.shape[2])
+            return self.o_proj(y.view(b, 1, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             q, k = self.rotary(q, 0), self.rotary(k, 0)
             y = F.scaled_dot_product_attention(
@@ -97,6 +107,14 @@ class Attention(nn.Module):
             cache.write(k, v, positions)
             y = self._cached(q, cache, positions, kv_len or cache.k.shape[2])
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, pos: torch.Tensor,
+                     kv_len: int) -> torch.Tensor:
+        """One token per sequence through the decode kernels: ``q [B, H, hd]``, ``k, v [B, H_kv,
+        hd]`` at ``pos [B]`` -> ``[B, H, hd]``. Under ``torch.compile`` it runs outside the compiled
+        graph (:func:`~ultramem.model.decode_state.bookkeeping_outside_compile`)."""
+        q = rope_write(q, k, v, self.rotary.cos, self.rotary.sin, pos, cache.k, cache.v, impl="triton")
+        return decode_attention(q, cache.k, cache.v, pos + 1, kv_len, impl="triton")
 
     def _cached(self, q: torch.Tensor, cache: KVCache, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """``q [B, H, S, hd]`` against the cache's first ``kv_len`` positions, key ``j`` visible to
@@ -111,3 +129,12 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, g * s, d), keys.to(q.dtype),
                                            values.to(q.dtype), attn_mask=mask)
         return y.view(b, h, s, d)
+
+
+def kernels_outside_compile() -> None:
+    """Keep the decode kernels out of ``torch.compile``'s graphs (one graph break a block): they
+    are Triton launches with shape-derived grids, each already one fused kernel. Called by the
+    engine before its first compile (as ``bookkeeping_outside_compile``). Idempotent."""
+    if not getattr(Attention, "_kernels_outside_compile", False):
+        Attention._decode_step = torch.compiler.disable(Attention._decode_step)
+        Attention._kernels_outside_compile = True

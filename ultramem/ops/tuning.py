@@ -33,6 +33,9 @@ class Tuning:
     lookup_fwd_tile: tuple[int, ...] | None = None
     # lookup_reduce value-gradient tile (BLOCK_R, BLOCK_D, num_warps, UNROLL); None: measured
     lookup_dense_tile: tuple[int, int, int, int] | None = None
+    # decode_attention split-KV tile (BLOCK_N, num_warps, target_programs); None: the defaults of
+    # decode_attention.triton.plan (BLOCK_N ~8 K fp32 elements / (G * hd), 4 warps, 1024 programs)
+    decode_attention_tile: tuple[int, int, int] | None = None
 
 
 TUNING = Tuning()
