@@ -91,15 +91,16 @@ def part_bytes(modules: list[nn.Module], batch: int, elem: int = 2) -> int:
 
 # ---- where a step's time goes ---------------------------------------------------------------------
 @torch.no_grad()
-def step_parts(model: Transformer, batch: int, kv: int, sub_parts: bool = True) -> dict:
+def step_parts(model: Transformer, batch: int, kv: int, sub_parts: bool = True, attention: str = "auto") -> dict:
     """Serial time of each part of one decode step of ``batch`` sequences over ``kv`` cached
     positions: ``attention`` (every block's input norm, q/k/v/o projections, rotary, cache
     write, masked SDPA), ``ffn`` (post-attention norm + FFN or MoE), ``memory`` (every memory
     layer; with ``sub_parts`` also ``memory.scores``: query projection + norm + key scores, and
     ``memory.retrieval``: those + top-m; the rest is lookup + projections), ``head`` (final
     norm, LM head, greedy pick) and ``embed``. ``glue`` is the whole step minus the parts
-    (residual adds, launches between parts). Inputs are random ``[B, 1, D]`` activations."""
-    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False)
+    (residual adds, launches between parts). Inputs are random ``[B, 1, D]`` activations;
+    ``attention``: how the step reads the cache (``Engine``'s switch)."""
+    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False, attention=attention)
     bk = engine.bucket(batch)
     st = bk.state
     st.kv_len = kv
