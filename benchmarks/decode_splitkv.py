@@ -57,7 +57,7 @@ ROWS = [  # (family, model, batches, attentions, overlap), priority order
 LARGE = [("1.6b-x12", "dense-1.6b", False), ("1.6b-x12", "ultramem-1.6b-x12", True),
          ("227m-1.2b", "dense-227m", False), ("227m-1.2b", "ultramem-227m-1.2b", True)]
 LARGE_BATCHES = [128, 512, 1024, 2048, 4096]
-PARTS = [("dense-1.6b", [1, 64]), ("ultramem-v2-1b-7b", [1])]
+PARTS = [("dense-1.6b", [1, 64], (SK, SDPA)), ("ultramem-v2-1b-7b", [1], (SK,))]  # (model, batches, attentions)
 ATTN_SHAPES = [(16, 16, 128, 2048), (12, 12, 64, 2048)]  # (H, H_kv, hd, L): dense-1.6b, dense-227m
 ATTN_BATCHES = [1, 8, 64, 256]
 TILES = [(16, 4, 1024), (32, 4, 1024), (64, 4, 1024), (64, 8, 1024), (32, 2, 1024), (32, 4, 256), (32, 4, 4096),
@@ -141,15 +141,17 @@ def model_rows(run: suite.Suite, rows) -> None:
                     break
                 suite.point(run, "rows", name, family, model, b, kv, calls=5 if moe else 10, overlap=overlap,
                             attention=attention)
-        for pname, pbatches in PARTS:
-            if pname == name or (run.dry and name == "tiny-dense" and pname == PARTS[0][0]):
-                for b in pbatches if not run.dry else [1]:
+        for pname, pbatches, pattn in PARTS:
+            if not (pname == name or (run.dry and name == "tiny-dense" and pname == PARTS[0][0])):
+                continue
+            for b in pbatches if not run.dry else [1]:
+                for attention in pattn:
                     if run.left() < 6:
                         break
                     kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
                     try:
-                        run.add("parts", {"model": name, "family": family, "attention": SK,
-                                          **parts.step_parts(model, b, kv, attention=SK)})
+                        run.add("parts", {"model": name, "family": family, "attention": attention,
+                                          **parts.step_parts(model, b, kv, attention=attention)})
                     except Exception as err:  # noqa: BLE001
                         run.note(f"{name} parts B={b}: {type(err).__name__}: {str(err)[:300]}")
                         run.sync()
