@@ -18,7 +18,8 @@ def _series(rows: list[dict], family: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r["family"] == family:
-            out[r["model"] + (" (overlap)" if r.get("overlap") else "")].append(r)
+            out[r["model"] + (" (overlap)" if r.get("overlap") else "")
+                + (f" [{r['attention']}]" if r.get("attention") == "sdpa" else "")].append(r)
     return {k: sorted(v, key=lambda r: r["batch"]) for k, v in out.items()}
 
 
@@ -77,7 +78,41 @@ def plot(path: str) -> list[Path]:
         outs.append(out)
     if doc.get("parts"):
         outs.append(plot_parts(doc, Path(path).with_name(Path(path).stem + "-parts.png")))
+    if doc.get("attention"):
+        outs.append(plot_attention(doc, Path(path).with_name(Path(path).stem + "-attn.png")))
     return outs
+
+
+def plot_attention(doc: dict, out: Path) -> Path:
+    """The decode attention op alone: split-KV kernel and masked SDPA, time and the K/V bytes'
+    bandwidth vs batch, per layer shape and length kind (``decode_splitkv.attention_ab``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in doc["attention"]:
+        groups[(r["H"], r["hd"], r["L"], r["lengths"])].append(r)
+    for i, (key, rs) in enumerate(sorted(groups.items())):
+        rs.sort(key=lambda r: r["batch"])
+        b = [r["batch"] for r in rs]
+        lab = f"H={key[0]} hd={key[1]} L={key[2]} {key[3]}"
+        for impl, style in (("split_kv", "-"), ("sdpa", ":")):
+            axes[0].plot(b, [r[f"{impl}_us"] for r in rs], style, marker="o", ms=3, color=f"C{i}",
+                         label=f"{impl}, {lab}")
+            axes[1].plot(b, [r[f"{impl}_GBps"] for r in rs], style, marker="o", ms=3, color=f"C{i}")
+    ceil = doc.get("ceilings") or {}
+    if "read_GBps" in ceil:
+        axes[1].axhline(ceil["read_GBps"], color="k", lw=0.8, ls="--", label="read-only (sum)")
+        axes[1].legend(fontsize=7)
+    for ax, lab in zip(axes, ("us per call (one layer)", "K/V bytes read / time (GB/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel(lab)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"One-token decode attention: split-KV kernel (solid) vs masked SDPA (dotted), {doc['device']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
 
 
 PARTS = ("attention", "ffn", "memory", "head", "embed")
