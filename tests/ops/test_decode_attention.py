@@ -90,7 +90,7 @@ def _rope_inputs(case, dtype, device="cpu"):
     b, h, h_kv, d, length, pos = case
     g = torch.Generator().manual_seed(b * h + d)
     q, k, v = (torch.randn(b, n, d, generator=g) for n in (h, h_kv, h_kv))
-    ang = torch.outer(torch.arange(16.0), torch.rand(d // 2, generator=g))
+    ang = torch.outer(torch.arange(float(max(length, *pos) + 1)), torch.rand(d // 2, generator=g))
     caches = [torch.randn(b, h_kv, length, d, generator=g) for _ in range(2)]
     return ([t.to(device, dtype) for t in (q, k, v)] + [ang.cos().to(device), ang.sin().to(device),
             torch.tensor(pos, device=device)] + [c.to(device, dtype) for c in caches])
@@ -186,6 +186,31 @@ def test_model_decode_with_kernels_equals_full_forward(kv_heads, monkeypatch):
             err = (torch.stack(got[b]) - ref).abs().max().item()
             assert err < 1e-5, (name, b, err)
     assert len(calls) == steps * cfg.n_layers
+
+
+@pytest.mark.interpreter
+@pytest.mark.usefixtures("interpret")
+def test_auto_takes_the_kernels_only_for_small_batches(monkeypatch):
+    """``attention="auto"``: a one-token step of ``B * H_kv <= TUNING.decode_attention_max_heads``
+    takes the kernels, a larger one SDPA; both give the same logits (fp32)."""
+    from ultramem.model.decode_state import DecodeState
+    from ultramem.model.transformer import Transformer
+    from ultramem.presets import get_preset
+
+    cfg = get_preset("tiny-dense").model  # 4 key/value heads
+    model = Transformer.build(cfg).eval()
+    calls = _kernel_calls(monkeypatch, "decode_attention")
+    ids = torch.randint(0, cfg.vocab_size, (2, 4))
+    out = {}
+    for limit in (8, 7):  # B * H_kv = 8
+        state = DecodeState.allocate(model, 2, 8, attention="auto")
+        assert state.kv[0].attention == "auto"
+        with torch.no_grad(), tuned(decode_attention_max_heads=limit):
+            model(ids[:, :3], state=state)
+            out[limit] = model(ids[:, 3:], state=state).logits
+        assert len(calls) == (cfg.n_layers if limit == 8 else 0)
+        calls.clear()
+    torch.testing.assert_close(out[8], out[7], rtol=1e-5, atol=1e-5)
 
 
 # ---- GPU: bf16 at model sizes, CUDA graphs ---------------------------------------------------

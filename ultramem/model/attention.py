@@ -5,10 +5,11 @@ Without a cache, the forward is the training one: causal SDPA over ``[B, S]``. W
 ``positions [B, S]`` and attend to cache positions ``<= position`` (a mask, not ``is_causal``),
 so ragged batches, chunked prefill and one-token steps are one code path.
 
-One-token steps whose cache says ``attention="split_kv"`` (the default on CUDA, see
-:meth:`DecodeState.allocate`) take the decode kernels instead (``ops/decode_attention``): one
-fused rotary + cache write, then split-KV attention that reads each sequence's cache only up to
-its length. Same math; prefill and the CPU keep the SDPA path.
+One-token steps whose cache says ``attention="split_kv"`` (or ``"auto"`` at a small batch, the
+default on CUDA: see :class:`~ultramem.model.decode_state.KVCache`) take the decode kernels
+instead (``ops/decode_attention``): one fused rotary + cache write, then split-KV attention that
+reads each sequence's cache only up to its length. Same math; prefill, large batches under
+``"auto"`` and the CPU keep the SDPA path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from ultramem.model.decode_state import KVCache
 from ultramem.ops.decode_attention import decode_attention, rope_write
+from ultramem.ops.tuning import TUNING
 
 
 class Rotary(nn.Module):
@@ -92,7 +94,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
-        if cache is not None and s == 1 and cache.attention == "split_kv":
+        if cache is not None and s == 1 and self._kernels(cache, b):
             y = self._decode_step(q[:, 0], k[:, 0], v[:, 0], cache, positions[:, 0], kv_len or cache.k.shape[2])
             return self.o_proj(y.view(b, 1, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -107,6 +109,11 @@ class Attention(nn.Module):
             cache.write(k, v, positions)
             y = self._cached(q, cache, positions, kv_len or cache.k.shape[2])
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def _kernels(self, cache: KVCache, b: int) -> bool:
+        """Whether a one-token step of ``b`` sequences takes the decode kernels (by shape only)."""
+        return cache.attention == "split_kv" or (
+            cache.attention == "auto" and b * self.n_kv_heads <= TUNING.decode_attention_max_heads)
 
     def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, pos: torch.Tensor,
                      kv_len: int) -> torch.Tensor:

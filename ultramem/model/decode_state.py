@@ -41,7 +41,9 @@ ATTENTION = ("auto", "sdpa", "split_kv")  # how one-token steps read the cache (
 class KVCache:
     """One block's keys and values, ``[B, H_kv, L, hd]`` each (rotary already applied to ``k``);
     ``attention``: how a one-token step reads them, ``"sdpa"`` (masked SDPA over ``kv_len``
-    positions) or ``"split_kv"`` (the decode kernels of ``ops/decode_attention``)."""
+    positions), ``"split_kv"`` (the decode kernels of ``ops/decode_attention``) or ``"auto"``
+    (the kernels while ``B * H_kv <= TUNING.decode_attention_max_heads``, else SDPA: a choice by
+    shape, so a CUDA graph or a compiled step fixes it per batch bucket)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -84,8 +86,9 @@ class DecodeState:
         """Zeroed state for ``model`` (on its device; K/V in ``dtype``, default the weights').
 
         ``attention`` of one-token steps: ``"split_kv"`` (the decode kernels; on CUDA, or on the
-        CPU under ``TRITON_INTERPRET=1``), ``"sdpa"``, or ``"auto"``: ``split_kv`` where the
-        kernels can run (measured faster on H200 at every batch: docs/inference.md), else ``sdpa``."""
+        CPU under ``TRITON_INTERPRET=1``), ``"sdpa"``, or ``"auto"``: where the kernels can run,
+        the kernels for small batches and SDPA for large ones (see :class:`KVCache`; measured
+        on H200: docs/inference.md), elsewhere ``"sdpa"``."""
         cfg = model.cfg
         max_len = cfg.max_seq_len if max_len is None else max_len
         if batch <= 0:
@@ -160,11 +163,11 @@ class DecodeState:
 
 
 def _attention(attention: str, ref: torch.Tensor) -> str:
-    """``allocate``'s ``attention`` resolved to ``"sdpa"`` or ``"split_kv"`` for ``ref``'s device."""
+    """``allocate``'s ``attention`` for ``ref``'s device: ``"auto"`` stays only where the kernels can run."""
     if attention not in ATTENTION:
         raise ConfigError(f"decode attention={attention!r} is not one of {', '.join(ATTENTION)}")
     if attention == "auto":
-        return "split_kv" if decode_ops.triton_available(ref) else "sdpa"
+        return "auto" if decode_ops.triton_available(ref) else "sdpa"
     if attention == "split_kv" and not decode_ops.triton_available(ref):
         raise ConfigError(f"decode attention='split_kv' needs Triton and a CUDA device (the model is on "
                           f"{ref.device}); use attention='auto' or 'sdpa'")
