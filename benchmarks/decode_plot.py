@@ -122,7 +122,7 @@ def plot_parts(doc: dict, out: Path) -> Path:
     """Stacked bars: each part's serial time per model and batch, the step's time as a marker
     (the glue is the step minus the parts; steps come from the same run's rows where they exist,
     as the breakdown's own step of an MoE fed one repeated token in the first run)."""
-    steps = {(r["model"], r["batch"]): r["ms"] for r in doc["rows"] if not r.get("overlap")}
+    steps = {(r["model"], r["batch"], r.get("attention")): r["ms"] for r in doc["rows"] if not r.get("overlap")}
     rows = doc["parts"]
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4.5))
     labelled: set[str] = set()
@@ -133,9 +133,10 @@ def plot_parts(doc: dict, out: Path) -> Path:
             ax.bar(i, ms, bottom=bottom, color=f"C{k}", label=None if name in labelled or not ms else name)
             labelled |= {name} if ms else set()
             bottom += ms
-        ax.plot(i, steps.get((r["model"], r["batch"]), r["step_ms"]), "k_", ms=14, mew=2,
+        ax.plot(i, steps.get((r["model"], r["batch"], r.get("attention")), r["step_ms"]), "k_", ms=14, mew=2,
                 label="whole step" if i == 0 else None)
-    ax.set_xticks(range(len(rows)), [f"{r['model']}\nB={r['batch']}" for r in rows], rotation=90, fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['model']}\nB={r['batch']}" + (f"\n{r['attention']}" if r.get("attention") else "")
+                                     for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("ms (serial, CUDA graph)")
     ax.set_title(f"Where a decode step's time goes (kv 2048, {doc['device']})")
     ax.legend(fontsize=7)
