@@ -12,7 +12,8 @@ measured):
 2. ``attention``: the op alone, kernel vs masked SDPA (the model's previous decode path) in one
    process, full and ragged lengths, dense-1.6b's and dense-227m's layer shapes; the kernel's
    tile options (``TUNING.decode_attention_tile``) at batch 1 and 64;
-3. ``rows``: dense-1.6b (split-KV and SDPA) / ultramem-1.6b-x12 (overlap) at B 1 / 8 / 64,
+3. ``rows``: dense-1.6b / ultramem-1.6b-x12 (overlap) at B 1 / 8 / 64 with split-KV, SDPA and
+   (added after the -e call) the fused rotary + write before SDPA (``rope_sdpa``),
    moe-1.6b-2in34 at B 64 (and 1, 8); dense-1b / ultramem-v2-1b-7b / olmoe-1b-7b;
    dense-227m / ultramem-v2-227m-1.2b / ultramem-227m-1.2b; every row with its ``attention``;
 4. ``parts``: where dense-1.6b's and ultramem-v2-1b-7b's step goes now;
@@ -42,10 +43,10 @@ from ultramem.inference import bench  # noqa: E402
 from ultramem.ops.decode_attention import decode_attention, reference  # noqa: E402
 from ultramem.ops.tuning import tuned  # noqa: E402
 
-SK, SDPA = "split_kv", "sdpa"
+SK, SDPA, ROPE = "split_kv", "sdpa", "rope_sdpa"
 ROWS = [  # (family, model, batches, attentions, overlap), priority order
-    ("1.6b-x12", "dense-1.6b", [1, 8, 64], (SK, SDPA), False),
-    ("1.6b-x12", "ultramem-1.6b-x12", [1, 8, 64], (SK, SDPA), True),
+    ("1.6b-x12", "dense-1.6b", [1, 8, 64], (SK, SDPA, ROPE), False),
+    ("1.6b-x12", "ultramem-1.6b-x12", [1, 8, 64], (SK, SDPA, ROPE), True),
     ("1.6b-x12", "moe-1.6b-2in34", [64, 1, 8], (SK,), False),
     ("1b-7b", "dense-1b", [1, 8, 64], (SK,), False),
     ("1b-7b", "ultramem-v2-1b-7b", [1, 8, 64], (SK,), True),

@@ -119,9 +119,10 @@ def test_allocate_resolves_and_rejects_attention(monkeypatch):
     model = tiny("tiny-dense")
     assert DecodeState.allocate(model, 1, 8).kv[0].attention == "sdpa"
     assert DecodeState.allocate(model, 1, 8).narrow(1).kv[0].attention == "sdpa"
-    with pytest.raises(ConfigError, match="split_kv.*CUDA"):
-        DecodeState.allocate(model, 1, 8, attention="split_kv")
-    with pytest.raises(ConfigError, match="'flash' is not one of auto, sdpa, split_kv"):
+    for mode in ("split_kv", "rope_sdpa"):
+        with pytest.raises(ConfigError, match=f"{mode}.*CUDA"):
+            DecodeState.allocate(model, 1, 8, attention=mode)
+    with pytest.raises(ConfigError, match="'flash' is not one of auto, sdpa, split_kv, rope_sdpa"):
         DecodeState.allocate(model, 1, 8, attention="flash")
 
 
@@ -159,9 +160,10 @@ def test_gpu_bf16_cached_decoding_equals_full_forward(name, overlap):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["split_kv", "rope_sdpa"])
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("name", TINY)
-def test_gpu_split_kv_cached_decoding_equals_full_forward(name, overlap):
+def test_gpu_split_kv_cached_decoding_equals_full_forward(name, overlap, attention):
     """fp32, one-token steps through the split-KV kernels: within 1e-4 of the largest logit.
     (In bf16 the tiny memory models' top-m picks another row when an attention output moves by
     an ulp, and any attention whose rounding differs from the full forward's moves it: on the CPU
@@ -170,7 +172,7 @@ def test_gpu_split_kv_cached_decoding_equals_full_forward(name, overlap):
     allow = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        _gpu_cached_vs_full(name, overlap, "split_kv", torch.float32, 1e-4)
+        _gpu_cached_vs_full(name, overlap, attention, torch.float32, 1e-4)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow
 

@@ -151,8 +151,9 @@ def test_falls_back_for_gradients_and_torch(monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("attention", ["split_kv", "rope_sdpa"])
 @pytest.mark.parametrize("kv_heads", [2, None], ids=["gqa", "mha"])
-def test_model_decode_with_kernels_equals_full_forward(kv_heads, monkeypatch):
+def test_model_decode_with_kernels_equals_full_forward(kv_heads, attention, monkeypatch):
     """tiny-dense's one-token steps through the kernels (``attention="split_kv"``) after a ragged
     prefill: every logit within 1e-5 of each sequence's own full forward (fp32). (Memory-layer
     models take the same attention code; under the interpreter their own kernels would take a
@@ -167,12 +168,13 @@ def test_model_decode_with_kernels_equals_full_forward(kv_heads, monkeypatch):
         cfg.n_kv_heads = kv_heads
     model = Transformer.build(cfg).eval()
     calls = _kernel_calls(monkeypatch, "decode_attention")
+    writes = _kernel_calls(monkeypatch, "rope_write")
     lens, steps = [2, 5], 3
     seqs = [torch.randint(0, cfg.vocab_size, (n + steps,)) for n in lens]
     ids = torch.zeros(2, 5, dtype=torch.long)
     for b, n in enumerate(lens):
         ids[b, :n] = seqs[b][:n]
-    state = DecodeState.allocate(model, 2, 12, attention="split_kv")
+    state = DecodeState.allocate(model, 2, 12, attention=attention)
     got: list[list[torch.Tensor]] = [[], []]
     with torch.no_grad():
         model(ids, state=state, lengths=torch.tensor(lens))  # prefill: the SDPA path
@@ -185,7 +187,8 @@ def test_model_decode_with_kernels_equals_full_forward(kv_heads, monkeypatch):
             ref = model(seqs[b].view(1, -1)).logits[0, n:]
             err = (torch.stack(got[b]) - ref).abs().max().item()
             assert err < 1e-5, (name, b, err)
-    assert len(calls) == steps * cfg.n_layers
+    assert len(writes) == steps * cfg.n_layers
+    assert len(calls) == (steps * cfg.n_layers if attention == "split_kv" else 0)
 
 
 @pytest.mark.interpreter

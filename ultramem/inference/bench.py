@@ -176,7 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--kv", type=int, default=2048, help="cached positions attention reads")
     d.add_argument("--overlap", action="store_true", help="memory layers on a side stream")
     d.add_argument("--eager", action="store_true", help="no CUDA graph")
-    d.add_argument("--attention", default="auto", choices=("auto", "split_kv", "sdpa"),
+    d.add_argument("--attention", default="auto", choices=("auto", "split_kv", "rope_sdpa", "sdpa"),
                    help="how decode steps read the KV cache (auto: split-KV kernels at small batches)")
     d.add_argument("--out", default=None, help="write the rows as JSON here")
     d.set_defaults(func=run_decode)

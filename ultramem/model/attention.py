@@ -8,8 +8,8 @@ so ragged batches, chunked prefill and one-token steps are one code path.
 One-token steps whose cache says ``attention="split_kv"`` (or ``"auto"`` at a small batch, the
 default on CUDA: see :class:`~ultramem.model.decode_state.KVCache`) take the decode kernels
 instead (``ops/decode_attention``): one fused rotary + cache write, then split-KV attention that
-reads each sequence's cache only up to its length. Same math; prefill, large batches under
-``"auto"`` and the CPU keep the SDPA path.
+reads each sequence's cache only up to its length; ``"rope_sdpa"``: the fused write, then the
+masked SDPA. Same math; prefill, large batches under ``"auto"`` and the CPU keep the SDPA path.
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
-        if cache is not None and s == 1 and self._kernels(cache, b):
-            y = self._decode_step(q[:, 0], k[:, 0], v[:, 0], cache, positions[:, 0], kv_len or cache.k.shape[2])
+        mode = self._decode_mode(cache, b) if cache is not None and s == 1 else "sdpa"
+        if mode != "sdpa":
+            y = self._decode_step(q[:, 0], k[:, 0], v[:, 0], cache, positions, kv_len or cache.k.shape[2],
+                                  mode == "split_kv")
             return self.o_proj(y.view(b, 1, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
@@ -110,18 +112,24 @@ class Attention(nn.Module):
             y = self._cached(q, cache, positions, kv_len or cache.k.shape[2])
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
-    def _kernels(self, cache: KVCache, b: int) -> bool:
-        """Whether a one-token step of ``b`` sequences takes the decode kernels (by shape only)."""
-        return cache.attention == "split_kv" or (
-            cache.attention == "auto" and b * self.n_kv_heads <= TUNING.decode_attention_max_heads)
+    def _decode_mode(self, cache: KVCache, b: int) -> str:
+        """How a one-token step of ``b`` sequences reads ``cache`` (by shape only): ``"split_kv"``,
+        ``"rope_sdpa"`` or ``"sdpa"`` (``"auto"``: the kernels while ``b * H_kv`` is small)."""
+        if cache.attention != "auto":
+            return cache.attention
+        return "split_kv" if b * self.n_kv_heads <= TUNING.decode_attention_max_heads else "sdpa"
 
-    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, pos: torch.Tensor,
-                     kv_len: int) -> torch.Tensor:
-        """One token per sequence through the decode kernels: ``q [B, H, hd]``, ``k, v [B, H_kv,
-        hd]`` at ``pos [B]`` -> ``[B, H, hd]``. Under ``torch.compile`` it runs outside the compiled
-        graph (:func:`~ultramem.model.decode_state.bookkeeping_outside_compile`)."""
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                     positions: torch.Tensor, kv_len: int, split_kv: bool) -> torch.Tensor:
+        """One token per sequence: ``q [B, H, hd]``, ``k, v [B, H_kv, hd]`` at ``positions [B, 1]``
+        -> ``[B, H, hd]``: the fused rotary + cache write, then the split-KV kernel or (``split_kv``
+        off) masked SDPA. Under ``torch.compile`` it runs outside the compiled graph
+        (:func:`kernels_outside_compile`)."""
+        pos = positions[:, 0]
         q = rope_write(q, k, v, self.rotary.cos, self.rotary.sin, pos, cache.k, cache.v, impl="triton")
-        return decode_attention(q, cache.k, cache.v, pos + 1, kv_len, impl="triton")
+        if split_kv:
+            return decode_attention(q, cache.k, cache.v, pos + 1, kv_len, impl="triton")
+        return self._cached(q.unsqueeze(2), cache, positions, kv_len).squeeze(2)
 
     def _cached(self, q: torch.Tensor, cache: KVCache, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """``q [B, H, S, hd]`` against the cache's first ``kv_len`` positions, key ``j`` visible to

@@ -34,14 +34,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from ultramem.model.transformer import Transformer
 
 
-ATTENTION = ("auto", "sdpa", "split_kv")  # how one-token steps read the cache (DecodeState.allocate)
+ATTENTION = ("auto", "sdpa", "split_kv", "rope_sdpa")  # how one-token steps read the cache (DecodeState.allocate)
 
 
 @dataclass
 class KVCache:
     """One block's keys and values, ``[B, H_kv, L, hd]`` each (rotary already applied to ``k``);
     ``attention``: how a one-token step reads them, ``"sdpa"`` (masked SDPA over ``kv_len``
-    positions), ``"split_kv"`` (the decode kernels of ``ops/decode_attention``) or ``"auto"``
+    positions), ``"split_kv"`` (the decode kernels of ``ops/decode_attention``), ``"rope_sdpa"``
+    (their fused rotary + cache write, then masked SDPA; not measured yet) or ``"auto"``
     (the kernels while ``B * H_kv <= TUNING.decode_attention_max_heads``, else SDPA: a choice by
     shape, so a CUDA graph or a compiled step fixes it per batch bucket)."""
 
@@ -168,8 +169,8 @@ def _attention(attention: str, ref: torch.Tensor) -> str:
         raise ConfigError(f"decode attention={attention!r} is not one of {', '.join(ATTENTION)}")
     if attention == "auto":
         return "auto" if decode_ops.triton_available(ref) else "sdpa"
-    if attention == "split_kv" and not decode_ops.triton_available(ref):
-        raise ConfigError(f"decode attention='split_kv' needs Triton and a CUDA device (the model is on "
+    if attention in ("split_kv", "rope_sdpa") and not decode_ops.triton_available(ref):
+        raise ConfigError(f"decode attention={attention!r} needs Triton and a CUDA device (the model is on "
                           f"{ref.device}); use attention='auto' or 'sdpa'")
     return attention
 
