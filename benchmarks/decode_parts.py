@@ -91,15 +91,16 @@ def part_bytes(modules: list[nn.Module], batch: int, elem: int = 2) -> int:
 
 # ---- where a step's time goes ---------------------------------------------------------------------
 @torch.no_grad()
-def step_parts(model: Transformer, batch: int, kv: int, sub_parts: bool = True) -> dict:
+def step_parts(model: Transformer, batch: int, kv: int, sub_parts: bool = True, attention: str = "auto") -> dict:
     """Serial time of each part of one decode step of ``batch`` sequences over ``kv`` cached
     positions: ``attention`` (every block's input norm, q/k/v/o projections, rotary, cache
     write, masked SDPA), ``ffn`` (post-attention norm + FFN or MoE), ``memory`` (every memory
     layer; with ``sub_parts`` also ``memory.scores``: query projection + norm + key scores, and
     ``memory.retrieval``: those + top-m; the rest is lookup + projections), ``head`` (final
     norm, LM head, greedy pick) and ``embed``. ``glue`` is the whole step minus the parts
-    (residual adds, launches between parts). Inputs are random ``[B, 1, D]`` activations."""
-    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False)
+    (residual adds, launches between parts). Inputs are random ``[B, 1, D]`` activations;
+    ``attention``: how the step reads the cache (``Engine``'s switch)."""
+    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False, attention=attention)
     bk = engine.bucket(batch)
     st = bk.state
     st.kv_len = kv
@@ -249,8 +250,8 @@ def hf_generate(settings: list[tuple[str, dict, int]], time_left: Callable[[], f
                 device: str = "cuda", small: dict | None = None) -> list[dict]:
     """``LlamaForCausalLM.generate`` on a Llama of dense-1.6b's shape (random bf16 weights; SwiGLU
     width 5504 gives dense-1.6b's 1.61 B parameters), batch 1, greedy; one row per setting
-    ``(label, generate kwargs, new tokens)``. A warm-up call of 8 tokens (which compiles, for
-    the static cache) precedes each timed call; a setting is skipped when ``time_left()`` is
+    ``(label, generate kwargs, new tokens)``. A warm-up call (8 tokens; for a compiled static cache
+    the timed length, which it compiles for) precedes each timed call; a setting is skipped when ``time_left()`` is
     under 20 s (60 s for a static cache, which compiles). ``small``: config overrides (dry run)."""
     import transformers  # noqa: PLC0415
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
@@ -270,7 +271,10 @@ def hf_generate(settings: list[tuple[str, dict, int]], time_left: Callable[[], f
             continue
         try:
             t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, **kw)
+            # a static cache is sized by max_new_tokens: warm up (compile) at the timed length, or
+            # the timed call compiles again (decode-h200-e-hf.json: 3.6 tokens/s, a recompile)
+            warm_n = n if compiles else 8
+            model.generate(ids, max_new_tokens=warm_n, min_new_tokens=warm_n, do_sample=False, **kw)
             sync()
             warm = time.perf_counter() - t0
             t = time.perf_counter()

@@ -18,7 +18,8 @@ def _series(rows: list[dict], family: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r["family"] == family:
-            out[r["model"] + (" (overlap)" if r.get("overlap") else "")].append(r)
+            out[r["model"] + (" (overlap)" if r.get("overlap") else "")
+                + (f" [{r['attention']}]" if r.get("attention") == "sdpa" else "")].append(r)
     return {k: sorted(v, key=lambda r: r["batch"]) for k, v in out.items()}
 
 
@@ -77,7 +78,41 @@ def plot(path: str) -> list[Path]:
         outs.append(out)
     if doc.get("parts"):
         outs.append(plot_parts(doc, Path(path).with_name(Path(path).stem + "-parts.png")))
+    if doc.get("attention"):
+        outs.append(plot_attention(doc, Path(path).with_name(Path(path).stem + "-attn.png")))
     return outs
+
+
+def plot_attention(doc: dict, out: Path) -> Path:
+    """The decode attention op alone: split-KV kernel and masked SDPA, time and the K/V bytes'
+    bandwidth vs batch, per layer shape and length kind (``decode_splitkv.attention_ab``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in doc["attention"]:
+        groups[(r["H"], r["hd"], r["L"], r["lengths"])].append(r)
+    for i, (key, rs) in enumerate(sorted(groups.items())):
+        rs.sort(key=lambda r: r["batch"])
+        b = [r["batch"] for r in rs]
+        lab = f"H={key[0]} hd={key[1]} L={key[2]} {key[3]}"
+        for impl, style in (("split_kv", "-"), ("sdpa", ":")):
+            axes[0].plot(b, [r[f"{impl}_us"] for r in rs], style, marker="o", ms=3, color=f"C{i}",
+                         label=f"{impl}, {lab}")
+            axes[1].plot(b, [r[f"{impl}_GBps"] for r in rs], style, marker="o", ms=3, color=f"C{i}")
+    ceil = doc.get("ceilings") or {}
+    if "read_GBps" in ceil:
+        axes[1].axhline(ceil["read_GBps"], color="k", lw=0.8, ls="--", label="read-only (sum)")
+        axes[1].legend(fontsize=7)
+    for ax, lab in zip(axes, ("us per call (one layer)", "K/V bytes read / time (GB/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel(lab)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"One-token decode attention: split-KV kernel (solid) vs masked SDPA (dotted), {doc['device']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
 
 
 PARTS = ("attention", "ffn", "memory", "head", "embed")
@@ -87,7 +122,7 @@ def plot_parts(doc: dict, out: Path) -> Path:
     """Stacked bars: each part's serial time per model and batch, the step's time as a marker
     (the glue is the step minus the parts; steps come from the same run's rows where they exist,
     as the breakdown's own step of an MoE fed one repeated token in the first run)."""
-    steps = {(r["model"], r["batch"]): r["ms"] for r in doc["rows"] if not r.get("overlap")}
+    steps = {(r["model"], r["batch"], r.get("attention")): r["ms"] for r in doc["rows"] if not r.get("overlap")}
     rows = doc["parts"]
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4.5))
     labelled: set[str] = set()
@@ -98,9 +133,10 @@ def plot_parts(doc: dict, out: Path) -> Path:
             ax.bar(i, ms, bottom=bottom, color=f"C{k}", label=None if name in labelled or not ms else name)
             labelled |= {name} if ms else set()
             bottom += ms
-        ax.plot(i, steps.get((r["model"], r["batch"]), r["step_ms"]), "k_", ms=14, mew=2,
+        ax.plot(i, steps.get((r["model"], r["batch"], r.get("attention")), r["step_ms"]), "k_", ms=14, mew=2,
                 label="whole step" if i == 0 else None)
-    ax.set_xticks(range(len(rows)), [f"{r['model']}\nB={r['batch']}" for r in rows], rotation=90, fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['model']}\nB={r['batch']}" + (f"\n{r['attention']}" if r.get("attention") else "")
+                                     for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("ms (serial, CUDA graph)")
     ax.set_title(f"Where a decode step's time goes (kv 2048, {doc['device']})")
     ax.legend(fontsize=7)

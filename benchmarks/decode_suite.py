@@ -117,7 +117,7 @@ def build(run: Suite, name: str, cfg=None):
 def point(run: Suite, key: str, label: str, family: str, model, b: int, kv: int, calls: int = 10,
           **kw) -> float | None:
     """One graphed step time (eager fallback on a capture failure), as a row of ``key``."""
-    opts = {k: kw[k] for k in ("overlap", "compile") if k in kw}
+    opts = {k: kw[k] for k in ("overlap", "compile", "attention") if k in kw}
     t = time.time()
     try:
         ms, graphed = bench.decode_step_ms(model, b, kv, calls=calls, reps=7, **opts), True

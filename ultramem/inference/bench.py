@@ -129,14 +129,16 @@ def _median_event_ms(run: Callable[[], None], reps: int, per: int) -> float:
 
 @torch.no_grad()
 def decode_step_ms(model: Transformer, batch: int, kv: int, overlap: bool = False, graphs: bool = True,
-                   calls: int = 20, reps: int = 15, compile: bool | dict = False) -> float:
+                   calls: int = 20, reps: int = 15, compile: bool | dict = False, attention: str = "auto") -> float:
     """Median ms of one greedy decode step at ``batch`` sequences with ``kv`` cached positions.
 
     The step (the engine's, attention over all ``kv`` positions) is preceded in the graph by
     one tiny kernel that resets the positions to ``kv - 1``, so every replay does the same
     work. ``graphs=False``: eager steps, timed with CUDA events around ``calls`` steps.
-    ``compile``: the step's forward through ``torch.compile`` first (:class:`Engine`)."""
-    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False, overlap=overlap, compile=compile)
+    ``compile``: the step's forward through ``torch.compile`` first; ``attention``: how the step
+    reads the cache (:class:`Engine`)."""
+    engine = Engine(model, batch, kv, Sampling(0.0), graphs=False, overlap=overlap, compile=compile,
+                    attention=attention)
     bk = engine.bucket(batch)
     bk.state.kv_len = kv
     bk.tokens.random_(0, model.cfg.vocab_size)
@@ -174,6 +176,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--kv", type=int, default=2048, help="cached positions attention reads")
     d.add_argument("--overlap", action="store_true", help="memory layers on a side stream")
     d.add_argument("--eager", action="store_true", help="no CUDA graph")
+    d.add_argument("--attention", default="auto", choices=("auto", "split_kv", "rope_sdpa", "sdpa"),
+                   help="how decode steps read the KV cache (auto: split-KV kernels at small batches)")
     d.add_argument("--out", default=None, help="write the rows as JSON here")
     d.set_defaults(func=run_decode)
 
@@ -192,8 +196,9 @@ def run_decode(args: argparse.Namespace) -> int:
             raise ConfigError(f"--kv={args.kv} exceeds {name}'s max_seq_len={cfg.max_seq_len}")
         model = build(cfg)
         for b in args.batch:
-            ms = decode_step_ms(model, b, args.kv, overlap=args.overlap, graphs=not args.eager)
-            rows.append(row(name, "", model, b, args.kv, ms, overlap=args.overlap))
+            ms = decode_step_ms(model, b, args.kv, overlap=args.overlap, graphs=not args.eager,
+                                attention=args.attention)
+            rows.append(row(name, "", model, b, args.kv, ms, overlap=args.overlap, attention=args.attention))
             r = rows[-1]
             print(f"{name:<24} B={b:<5} {r['ms']:8.3f} ms {r['tokens_per_s']:>10.0f} tok/s "
                   f"{r['bytes'] / 1e9:7.2f} GB {r['GBps']:7.0f} GB/s", flush=True)

@@ -29,6 +29,7 @@ import torch
 
 from ultramem.errors import ConfigError
 from ultramem.inference.sampling import Sampling, sample
+from ultramem.model.attention import kernels_outside_compile
 from ultramem.model.decode_state import DecodeState, bookkeeping_outside_compile
 from ultramem.model.transformer import Transformer
 
@@ -85,12 +86,15 @@ class Engine:
     ``True`` or keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``)
     to compile the decode step's forward (``dynamic=False``: one compile per bucket, attention
     over a fixed ``max_len`` as in a graph, also when stepping eagerly; the engine captures the
-    graph itself, so a mode with its own CUDA graphs is refused).
+    graph itself, so a mode with its own CUDA graphs is refused); ``attention``: how decode steps
+    read the KV cache, ``"auto"`` (on CUDA the split-KV kernels for small batches, SDPA for
+    large ones) | ``"split_kv"`` | ``"rope_sdpa"`` | ``"sdpa"``
+    (:meth:`DecodeState.allocate`).
     """
 
     def __init__(self, model: Transformer, max_batch: int = 1, max_len: int | None = None,
                  sampling: Sampling | None = None, graphs: bool | None = None, overlap: bool = False,
-                 prefill_chunk: int = 512, compile: bool | dict = False) -> None:
+                 prefill_chunk: int = 512, compile: bool | dict = False, attention: str = "auto") -> None:
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
         self.sampling = sampling or Sampling()
@@ -100,7 +104,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_len = max_len or model.cfg.max_seq_len
         self.prefill_chunk = prefill_chunk
-        self.state = DecodeState.allocate(model, max_batch, self.max_len, overlap=overlap)
+        self.state = DecodeState.allocate(model, max_batch, self.max_len, overlap=overlap, attention=attention)
         self.buckets: dict[int, _Bucket] = {}
         self.compiled = bool(compile)
         self.forward = self._compiled(compile) if compile else self.model
@@ -115,6 +119,7 @@ class Engine:
             raise ConfigError("compile with overlap=True: torch.compile does not trace the side stream; "
                               "use one or the other")
         bookkeeping_outside_compile()
+        kernels_outside_compile()
         opts.setdefault("dynamic", False)
         # one compiled graph per batch bucket (1, 2, 4, ... max_batch), plus slack
         limit = max_batch_buckets(self.max_batch) + 4

@@ -4,6 +4,12 @@ Without a cache, the forward is the training one: causal SDPA over ``[B, S]``. W
 :class:`~ultramem.model.decode_state.KVCache`, each sequence's tokens are written at its own
 ``positions [B, S]`` and attend to cache positions ``<= position`` (a mask, not ``is_causal``),
 so ragged batches, chunked prefill and one-token steps are one code path.
+
+One-token steps whose cache says ``attention="split_kv"`` (or ``"auto"`` at a small batch, the
+default on CUDA: see :class:`~ultramem.model.decode_state.KVCache`) take the decode kernels
+instead (``ops/decode_attention``): one fused rotary + cache write, then split-KV attention that
+reads each sequence's cache only up to its length; ``"rope_sdpa"``: the fused write, then the
+masked SDPA. Same math; prefill, large batches under ``"auto"`` and the CPU keep the SDPA path.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultramem.model.decode_state import KVCache
+from ultramem.ops.decode_attention import decode_attention, rope_write
+from ultramem.ops.tuning import TUNING
 
 
 class Rotary(nn.Module):
@@ -83,9 +91,15 @@ class Attention(nn.Module):
         """``x [B, S, D]``; with ``cache``: ``positions [B, S]`` where this call's tokens go and
         ``kv_len`` how many cache positions to read (default all)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        mode = self._decode_mode(cache, b) if cache is not None and s == 1 else "sdpa"
+        if mode != "sdpa":
+            y = self._decode_step(q[:, 0], k[:, 0], v[:, 0], cache, positions, kv_len or cache.k.shape[2],
+                                  mode == "split_kv")
+            return self.o_proj(y.view(b, 1, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             q, k = self.rotary(q, 0), self.rotary(k, 0)
             y = F.scaled_dot_product_attention(
@@ -97,6 +111,25 @@ class Attention(nn.Module):
             cache.write(k, v, positions)
             y = self._cached(q, cache, positions, kv_len or cache.k.shape[2])
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+    def _decode_mode(self, cache: KVCache, b: int) -> str:
+        """How a one-token step of ``b`` sequences reads ``cache`` (by shape only): ``"split_kv"``,
+        ``"rope_sdpa"`` or ``"sdpa"`` (``"auto"``: the kernels while ``b * H_kv`` is small)."""
+        if cache.attention != "auto":
+            return cache.attention
+        return "split_kv" if b * self.n_kv_heads <= TUNING.decode_attention_max_heads else "sdpa"
+
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                     positions: torch.Tensor, kv_len: int, split_kv: bool) -> torch.Tensor:
+        """One token per sequence: ``q [B, H, hd]``, ``k, v [B, H_kv, hd]`` at ``positions [B, 1]``
+        -> ``[B, H, hd]``: the fused rotary + cache write, then the split-KV kernel or (``split_kv``
+        off) masked SDPA. Under ``torch.compile`` it runs outside the compiled graph
+        (:func:`kernels_outside_compile`)."""
+        pos = positions[:, 0]
+        q = rope_write(q, k, v, self.rotary.cos, self.rotary.sin, pos, cache.k, cache.v, impl="triton")
+        if split_kv:
+            return decode_attention(q, cache.k, cache.v, pos + 1, kv_len, impl="triton")
+        return self._cached(q.unsqueeze(2), cache, positions, kv_len).squeeze(2)
 
     def _cached(self, q: torch.Tensor, cache: KVCache, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """``q [B, H, S, hd]`` against the cache's first ``kv_len`` positions, key ``j`` visible to
@@ -111,3 +144,12 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, g * s, d), keys.to(q.dtype),
                                            values.to(q.dtype), attn_mask=mask)
         return y.view(b, h, s, d)
+
+
+def kernels_outside_compile() -> None:
+    """Keep the decode kernels out of ``torch.compile``'s graphs (one graph break a block): they
+    are Triton launches with shape-derived grids, each already one fused kernel. Called by the
+    engine before its first compile (as ``bookkeeping_outside_compile``). Idempotent."""
+    if not getattr(Attention, "_kernels_outside_compile", False):
+        Attention._decode_step = torch.compiler.disable(Attention._decode_step)
+        Attention._kernels_outside_compile = True

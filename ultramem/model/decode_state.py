@@ -28,17 +28,27 @@ import torch
 
 from ultramem.errors import ConfigError
 from ultramem.layers.state import LayerState
+from ultramem.ops import decode_attention as decode_ops  # imports no Triton until a kernel is asked for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ultramem.model.transformer import Transformer
 
 
+ATTENTION = ("auto", "sdpa", "split_kv", "rope_sdpa")  # how one-token steps read the cache (DecodeState.allocate)
+
+
 @dataclass
 class KVCache:
-    """One block's keys and values, ``[B, H_kv, L, hd]`` each (rotary already applied to ``k``)."""
+    """One block's keys and values, ``[B, H_kv, L, hd]`` each (rotary already applied to ``k``);
+    ``attention``: how a one-token step reads them, ``"sdpa"`` (masked SDPA over ``kv_len``
+    positions), ``"split_kv"`` (the decode kernels of ``ops/decode_attention``), ``"rope_sdpa"``
+    (their fused rotary + cache write, then masked SDPA; not measured yet) or ``"auto"``
+    (the kernels while ``B * H_kv <= TUNING.decode_attention_max_heads``, else SDPA: a choice by
+    shape, so a CUDA graph or a compiled step fixes it per batch bucket)."""
 
     k: torch.Tensor
     v: torch.Tensor
+    attention: str = "sdpa"
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Store ``k, v [B, H_kv, S, hd]`` at ``positions [B, S]`` (in place, no host sync)."""
@@ -48,7 +58,7 @@ class KVCache:
         self.v.scatter_(2, idx, v.to(self.v.dtype))
 
     def narrow(self, batch: int) -> KVCache:
-        return KVCache(self.k[:batch], self.v[:batch])
+        return KVCache(self.k[:batch], self.v[:batch], self.attention)
 
 
 @dataclass
@@ -73,8 +83,13 @@ class DecodeState:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def allocate(cls, model: Transformer, batch: int, max_len: int | None = None,
-                 dtype: torch.dtype | None = None, overlap: bool = False) -> DecodeState:
-        """Zeroed state for ``model`` (on its device; K/V in ``dtype``, default the weights')."""
+                 dtype: torch.dtype | None = None, overlap: bool = False, attention: str = "auto") -> DecodeState:
+        """Zeroed state for ``model`` (on its device; K/V in ``dtype``, default the weights').
+
+        ``attention`` of one-token steps: ``"split_kv"`` (the decode kernels; on CUDA, or on the
+        CPU under ``TRITON_INTERPRET=1``), ``"sdpa"``, or ``"auto"``: where the kernels can run,
+        the kernels for small batches and SDPA for large ones (see :class:`KVCache`; measured
+        on H200: docs/inference.md), elsewhere ``"sdpa"``."""
         cfg = model.cfg
         max_len = cfg.max_seq_len if max_len is None else max_len
         if batch <= 0:
@@ -84,9 +99,10 @@ class DecodeState:
                               "shorten the prompt or the number of new tokens")
         ref = model.embed_tokens.weight
         device, dtype = ref.device, dtype or ref.dtype
+        attention = _attention(attention, ref)
         shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
-        kv = [KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-              for _ in model.blocks]
+        kv = [KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                      attention) for _ in model.blocks]
         ffn = [b.ffn.new_state(batch, device, dtype) if b.ffn is not None else None for b in model.blocks]
         memory = [m.new_state(batch, device, dtype) for m in model.memory]
         side = SideStream(device) if overlap and device.type == "cuda" else None
@@ -145,6 +161,18 @@ class DecodeState:
 
     def join(self, handle: object) -> torch.Tensor:
         return self.side.join(handle) if self.side is not None else handle  # type: ignore[return-value]
+
+
+def _attention(attention: str, ref: torch.Tensor) -> str:
+    """``allocate``'s ``attention`` for ``ref``'s device: ``"auto"`` stays only where the kernels can run."""
+    if attention not in ATTENTION:
+        raise ConfigError(f"decode attention={attention!r} is not one of {', '.join(ATTENTION)}")
+    if attention == "auto":
+        return "auto" if decode_ops.triton_available(ref) else "sdpa"
+    if attention in ("split_kv", "rope_sdpa") and not decode_ops.triton_available(ref):
+        raise ConfigError(f"decode attention={attention!r} needs Triton and a CUDA device (the model is on "
+                          f"{ref.device}); use attention='auto' or 'sdpa'")
+    return attention
 
 
 def bookkeeping_outside_compile() -> None:

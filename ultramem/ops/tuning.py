@@ -33,6 +33,14 @@ class Tuning:
     lookup_fwd_tile: tuple[int, ...] | None = None
     # lookup_reduce value-gradient tile (BLOCK_R, BLOCK_D, num_warps, UNROLL); None: measured
     lookup_dense_tile: tuple[int, int, int, int] | None = None
+    # decode_attention split-KV tile (BLOCK_N, num_warps, target_programs); None: the defaults of
+    # decode_attention.triton.plan (BLOCK_N ~4 K fp32 elements / (G * hd), 2 warps, 1024 programs)
+    decode_attention_tile: tuple[int, int, int] | None = None
+    # attention="auto" decode steps: the split-KV kernels while batch * H_kv is at most this, masked
+    # SDPA above. On H200 the kernels' step wins at B=1 (dense-1.6b 2.90 vs 4.14 ms, H_kv 16) and
+    # loses from B=8 (5.30 vs 5.01; 24.3 vs 11.9 at B=64), where SDPA reads the cache at 3-4.5 TB/s
+    # and the split-KV kernel at ~1.6 (docs/inference.md)
+    decode_attention_max_heads: int = 16
 
 
 TUNING = Tuning()
