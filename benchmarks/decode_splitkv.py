@@ -190,10 +190,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny presets on the CPU (interpreter), CPU timers")
     ap.add_argument("--hf", action="store_true", help="HF generate() with a static cache + its compile only")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="a follow-up call: the ceilings and the first N model rows only (decode-h200-f.json)")
     args = ap.parse_args()
     run = suite.Suite(args.out, args.budget_s, args.cpu_dry_run)
-    run.path = os.path.join(args.out, ("decode-dry-e" if run.dry else "decode-h200-e") + ("-hf" if args.hf else "")
-                            + ".json")
+    stem = ("decode-dry-" if run.dry else "decode-h200-") + ("f" if args.rows else "e")
+    run.path = os.path.join(args.out, stem + ("-hf" if args.hf else "") + ".json")
     for key in ("attention", "tiles"):
         run.doc[key] = []
     if run.dry:
@@ -215,6 +217,12 @@ def main() -> None:
     run.doc["ceilings"] = parts.ceilings(run.dev)
     run.save()
     print("ceilings", json.dumps(run.doc["ceilings"]), flush=True)
+    if args.rows:
+        run.until = run.t0 + run.budget
+        model_rows(run, (TINY_ROWS if run.dry else ROWS)[:args.rows])
+        run.save()
+        print("wrote", run.path, "in", round(time.time() - run.t0), "s", flush=True)
+        return
     shares = {"attention": 0.12, "rows": 0.55, "large": 0.33}
     run.until = run.t0 + shares["attention"] * run.budget + 5
     if run.dry:
