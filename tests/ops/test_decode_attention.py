@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from op_rules import assert_rule
 
 from ultramem.ops.decode_attention import decode_attention, reference, rope_write
@@ -119,6 +120,19 @@ def test_rope_write_matches_reference(case, dtype, monkeypatch):
     calls = _kernel_calls(monkeypatch, "rope_write")
     _check_rope(case, dtype, "cpu")
     assert calls, "the kernel was not used"
+
+
+def test_reference_accepts_a_strided_sdpa_output(monkeypatch):
+    """SDPA may hand back a non-contiguous [B, H_kv, G, hd] (it did on the H200 in fp32 with
+    grouped queries); the reference must still return [B, H, hd] with the same values."""
+    q, k, v, n, kv_len = _inputs((2, 8, 2, 32, 16, 32, [5, 32]), torch.float32)
+    want = reference.decode_attention(q, k, v, n, kv_len)
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(reference.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: real(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    got = reference.decode_attention(q, k, v, n, kv_len)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_reference_rope_write_leaves_other_positions():

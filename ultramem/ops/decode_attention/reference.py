@@ -49,4 +49,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     mask = torch.arange(kv_len, device=q.device).view(1, 1, 1, kv_len) < lengths.view(b, 1, 1, 1)
     y = F.scaled_dot_product_attention(q.view(b, h_kv, h // h_kv, d), keys, values, attn_mask=mask,
                                        scale=1.0 / math.sqrt(d))
-    return y.view(b, h, d)
+    return y.reshape(b, h, d)  # SDPA may return a strided layout (fp32 on CUDA, grouped queries)
