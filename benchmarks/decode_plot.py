@@ -19,7 +19,7 @@ def _series(rows: list[dict], family: str) -> dict[str, list[dict]]:
     for r in rows:
         if r["family"] == family:
             out[r["model"] + (" (overlap)" if r.get("overlap") else "")
-                + (f" [{r['attention']}]" if r.get("attention") == "sdpa" else "")].append(r)
+                + (f" [{r['attention']}]" if r.get("attention") in ("sdpa", "rope_sdpa") else "")].append(r)
     return {k: sorted(v, key=lambda r: r["batch"]) for k, v in out.items()}
 
 

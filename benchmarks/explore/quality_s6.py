@@ -4,7 +4,9 @@ and the figures quality-v2-diagnosis.png, quality-scaling.png, quality-overtake.
     python benchmarks/explore/quality_families.py   # rebuilds quality.json, then calls add_session6
 
 Inputs: docs/results/quality/s6-*-h200.json, the runner's results.json of the two GPU calls of
-``benchmarks/explore/quality_gpu_s6.sh`` (ROUND=1, ROUND=2) and the causality JSON.
+``benchmarks/explore/quality_gpu_s6.sh`` (ROUND=1, ROUND=2), the causality JSON, and the
+overtaking pair finished in the lead's last call (``benchmarks/explore/final_s6_gpu.sh``:
+``s6-overtake2-h200.json``, UltraMem and its dense host to step 2000).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ CMD = {
     "v1-extra": "ultramem experiment v1-family --out runs/v1 --jobs 2 --only dense-flops ultramem-tucker-per-head "
                 "data.path=data/code",
     "overtake": "ultramem experiment overtake --out runs/overtake --jobs 3 data.path=data/code",
+    "overtake2": "ultramem experiment overtake --out runs/overtake --jobs 2 --only ultramem dense data.path=data/code",
 }
 # train/val overlap, printed by quality_overlap.py's coverage pass in both calls (the JSON's
 # final pass was cut by the calls' deadlines; identical figures in both calls)
@@ -122,11 +125,12 @@ def fig_scaling(sc: list[dict], path: Path) -> list[dict]:
 
 
 def fig_overtake(ov: list[dict], path: Path) -> dict:
+    """``ov``: the finished pair (UltraMem, dense host; the last call) and call 2's dense-flops."""
     by = {r["model"]: {int(k): v for k, v in r["val_curve"].items()} for r in ov}
     um = by["ultramem"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
     for name, c in by.items():
-        ax.plot(list(c), list(c.values()), marker="o", ms=2.5, label=f"{name} (stopped at step {max(c)})")
+        ax.plot(list(c), list(c.values()), marker="o", ms=2.5, label=f"{name} (to step {max(c)})")
     ax.set_xlabel("step (16 x 1024 tokens; 2000-step cosine schedule)")
     ax.set_ylabel("validation loss, curve slice")
     ax.set_ylim(1.7, 6.0)
@@ -140,7 +144,7 @@ def fig_overtake(ov: list[dict], path: Path) -> dict:
     ax2.axhline(0, color="k", lw=0.5)
     ax2.set_xlabel("step")
     ax2.set_ylabel("loss gap (> 0: UltraMem ahead)")
-    ax2.set_title("UltraMem's lead at equal tokens (UltraMem stopped at step 716)", fontsize=8)
+    ax2.set_title("UltraMem's lead at equal tokens (dense-flops: an earlier call, stopped at 1795)", fontsize=8)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)
     fig.tight_layout()
@@ -157,13 +161,19 @@ def add_session6(doc: dict) -> dict:
     for r, spec in zip(sc, [x for x in load("scaling")["runs"] if x["status"] != "pending"]):
         r["family"] = spec["family"]
     v1x = rows(load("v1-extra"), "v1", "v1-extra")
-    ov = rows(load("overtake"), "overtake", "overtake")
-    doc["runs"] += a + b + sc + v1x + ov
+    ov_old = rows(load("overtake"), "overtake", "overtake")  # call 2: stopped at the deadline
+    for r in ov_old:
+        r["model"] += " (call 2)"
+    ov = rows(load("overtake2"), "overtake", "overtake2")  # the lead's call: the pair to step 2000
+    doc["runs"] += a + b + sc + v1x + ov + ov_old
     doc["command"] += ("; session 6: " + GPU.format(r=1, s=420) + "; " + GPU.format(r=2, s=290)
-                       + " (EXPS2 as in quality.md); python benchmarks/explore/quality_families.py")
+                       + " (EXPS2 as in quality.md); OUT=out STOP=430 bash benchmarks/explore/final_s6_gpu.sh"
+                       + "; python benchmarks/explore/quality_families.py")
     doc["sparse_scaling"] = fig_scaling(sc, RES / "quality-scaling.png")
-    doc["overtake"] = {"gap_by_step": fig_overtake(ov, RES / "quality-overtake.png"),
-                       "note": "2000-step schedule; every run stopped at the call's deadline (UltraMem at step 716)"}
+    flops = [r | {"model": "dense-flops"} for r in ov_old if r["model"] == "dense-flops (call 2)"]
+    doc["overtake"] = {"gap_by_step": fig_overtake(ov + flops, RES / "quality-overtake.png"),
+                       "note": "2000-step schedule; UltraMem and its dense host ran to step 2000 in one call "
+                               "(s6-overtake2-h200.json); dense-flops is call 2's run, stopped at step 1795"}
     fig_v2(a, [r | {"model": r["model"].replace(" (call 2)", "")} for r in b], RES / "quality-v2-diagnosis.png")
     caus = load("causality")
     doc["causality"] = {"device": caus["device"], "command": caus["command"], "tokens": [caus["batch"], caus["seq"]],

@@ -207,9 +207,10 @@ def test_model_decode_with_kernels_equals_full_forward(kv_heads, attention, monk
 
 @pytest.mark.interpreter
 @pytest.mark.usefixtures("interpret")
-def test_auto_takes_the_kernels_only_for_small_batches(monkeypatch):
+def test_auto_takes_split_kv_only_for_small_batches(monkeypatch):
     """``attention="auto"``: a one-token step of ``B * H_kv <= TUNING.decode_attention_max_heads``
-    takes the kernels, a larger one SDPA; both give the same logits (fp32)."""
+    takes the split-KV kernel, a larger one the fused rotary + write before masked SDPA; both
+    write through the rotary kernel and give the same logits (fp32)."""
     from ultramem.model.decode_state import DecodeState
     from ultramem.model.transformer import Transformer
     from ultramem.presets import get_preset
@@ -217,6 +218,7 @@ def test_auto_takes_the_kernels_only_for_small_batches(monkeypatch):
     cfg = get_preset("tiny-dense").model  # 4 key/value heads
     model = Transformer.build(cfg).eval()
     calls = _kernel_calls(monkeypatch, "decode_attention")
+    writes = _kernel_calls(monkeypatch, "rope_write")
     ids = torch.randint(0, cfg.vocab_size, (2, 4))
     out = {}
     for limit in (8, 7):  # B * H_kv = 8
@@ -226,7 +228,9 @@ def test_auto_takes_the_kernels_only_for_small_batches(monkeypatch):
             model(ids[:, :3], state=state)
             out[limit] = model(ids[:, 3:], state=state).logits
         assert len(calls) == (cfg.n_layers if limit == 8 else 0)
+        assert len(writes) == cfg.n_layers
         calls.clear()
+        writes.clear()
     torch.testing.assert_close(out[8], out[7], rtol=1e-5, atol=1e-5)
 
 

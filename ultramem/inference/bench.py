@@ -177,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--overlap", action="store_true", help="memory layers on a side stream")
     d.add_argument("--eager", action="store_true", help="no CUDA graph")
     d.add_argument("--attention", default="auto", choices=("auto", "split_kv", "rope_sdpa", "sdpa"),
-                   help="how decode steps read the KV cache (auto: split-KV kernels at small batches)")
+                   help="how decode steps read the KV cache (auto: split-KV kernels at small batches, "
+                        "rope_sdpa above)")
     d.add_argument("--out", default=None, help="write the rows as JSON here")
     d.set_defaults(func=run_decode)
 

@@ -87,8 +87,8 @@ class Engine:
     to compile the decode step's forward (``dynamic=False``: one compile per bucket, attention
     over a fixed ``max_len`` as in a graph, also when stepping eagerly; the engine captures the
     graph itself, so a mode with its own CUDA graphs is refused); ``attention``: how decode steps
-    read the KV cache, ``"auto"`` (on CUDA the split-KV kernels for small batches, SDPA for
-    large ones) | ``"split_kv"`` | ``"rope_sdpa"`` | ``"sdpa"``
+    read the KV cache, ``"auto"`` (on CUDA the split-KV kernels for small batches, the fused
+    rotary + write then SDPA for larger ones) | ``"split_kv"`` | ``"rope_sdpa"`` | ``"sdpa"``
     (:meth:`DecodeState.allocate`).
     """
 

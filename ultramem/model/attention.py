@@ -8,8 +8,9 @@ so ragged batches, chunked prefill and one-token steps are one code path.
 One-token steps whose cache says ``attention="split_kv"`` (or ``"auto"`` at a small batch, the
 default on CUDA: see :class:`~ultramem.model.decode_state.KVCache`) take the decode kernels
 instead (``ops/decode_attention``): one fused rotary + cache write, then split-KV attention that
-reads each sequence's cache only up to its length; ``"rope_sdpa"``: the fused write, then the
-masked SDPA. Same math; prefill, large batches under ``"auto"`` and the CPU keep the SDPA path.
+reads each sequence's cache only up to its length; ``"rope_sdpa"`` (``"auto"`` at larger
+batches): the fused write, then the masked SDPA. Same math; prefill and the CPU keep the SDPA
+path.
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ class Attention(nn.Module):
 
     def _decode_mode(self, cache: KVCache, b: int) -> str:
         """How a one-token step of ``b`` sequences reads ``cache`` (by shape only): ``"split_kv"``,
-        ``"rope_sdpa"`` or ``"sdpa"`` (``"auto"``: the kernels while ``b * H_kv`` is small)."""
+        ``"rope_sdpa"`` or ``"sdpa"`` (``"auto"``: split-KV while ``b * H_kv`` is small, else
+        ``"rope_sdpa"``)."""
         if cache.attention != "auto":
             return cache.attention
-        return "split_kv" if b * self.n_kv_heads <= TUNING.decode_attention_max_heads else "sdpa"
+        return "split_kv" if b * self.n_kv_heads <= TUNING.decode_attention_max_heads else "rope_sdpa"
 
     def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                      positions: torch.Tensor, kv_len: int, split_kv: bool) -> torch.Tensor:

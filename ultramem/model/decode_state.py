@@ -42,9 +42,9 @@ class KVCache:
     """One block's keys and values, ``[B, H_kv, L, hd]`` each (rotary already applied to ``k``);
     ``attention``: how a one-token step reads them, ``"sdpa"`` (masked SDPA over ``kv_len``
     positions), ``"split_kv"`` (the decode kernels of ``ops/decode_attention``), ``"rope_sdpa"``
-    (their fused rotary + cache write, then masked SDPA; not measured yet) or ``"auto"``
-    (the kernels while ``B * H_kv <= TUNING.decode_attention_max_heads``, else SDPA: a choice by
-    shape, so a CUDA graph or a compiled step fixes it per batch bucket)."""
+    (their fused rotary + cache write, then masked SDPA) or ``"auto"`` (split-KV while
+    ``B * H_kv <= TUNING.decode_attention_max_heads``, else ``"rope_sdpa"``: a choice by shape,
+    so a CUDA graph or a compiled step fixes it per batch bucket)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -87,9 +87,9 @@ class DecodeState:
         """Zeroed state for ``model`` (on its device; K/V in ``dtype``, default the weights').
 
         ``attention`` of one-token steps: ``"split_kv"`` (the decode kernels; on CUDA, or on the
-        CPU under ``TRITON_INTERPRET=1``), ``"sdpa"``, or ``"auto"``: where the kernels can run,
-        the kernels for small batches and SDPA for large ones (see :class:`KVCache`; measured
-        on H200: docs/inference.md), elsewhere ``"sdpa"``."""
+        CPU under ``TRITON_INTERPRET=1``), ``"rope_sdpa"``, ``"sdpa"``, or ``"auto"``: where the
+        kernels can run, split-KV for small batches and ``"rope_sdpa"`` for larger ones (see
+        :class:`KVCache`; measured on H200: docs/inference.md), elsewhere ``"sdpa"``."""
         cfg = model.cfg
         max_len = cfg.max_seq_len if max_len is None else max_len
         if batch <= 0:

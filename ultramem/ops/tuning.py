@@ -36,10 +36,10 @@ class Tuning:
     # decode_attention split-KV tile (BLOCK_N, num_warps, target_programs); None: the defaults of
     # decode_attention.triton.plan (BLOCK_N ~4 K fp32 elements / (G * hd), 2 warps, 1024 programs)
     decode_attention_tile: tuple[int, int, int] | None = None
-    # attention="auto" decode steps: the split-KV kernels while batch * H_kv is at most this, masked
-    # SDPA above. On H200 the kernels' step wins at B=1 (dense-1.6b 2.90 vs 4.14 ms, H_kv 16) and
-    # loses from B=8 (5.30 vs 5.01; 24.3 vs 11.9 at B=64), where SDPA reads the cache at 3-4.5 TB/s
-    # and the split-KV kernel at ~1.6 (docs/inference.md)
+    # attention="auto" decode steps: the split-KV kernels while batch * H_kv is at most this, the
+    # fused rotary + write then masked SDPA ("rope_sdpa") above. H200, dense-1.6b (H_kv 16),
+    # decode-h200-f.json: B=1 split-KV 2.66 ms, rope_sdpa 2.91, SDPA 4.15; B=8 3.84 / 3.68 / 5.00;
+    # B=64 12.96 / 10.32 / 11.73 (SDPA reads a large cache at 3-4.5 TB/s, split-KV ~3; docs/inference.md)
     decode_attention_max_heads: int = 16
 
 
