@@ -39,6 +39,15 @@ def cpu_timer(fn: Callable[[], None], calls: int = 20, reps: int = 15) -> float:
 
 
 # ---- ceilings --------------------------------------------------------------------------------
+def clocks_up(seconds: float) -> None:
+    """Busy the GPU with bf16 GEMMs for ``seconds`` so the first timed rows run at full clocks."""
+    warm = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    t = time.time()
+    while time.time() - t < seconds:
+        warm @ warm
+    torch.cuda.synchronize()
+
+
 def ceilings(device: str = "cuda") -> dict:
     """Device-memory ceilings, each with how it counts bytes:
 

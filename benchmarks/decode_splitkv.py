@@ -209,11 +209,7 @@ def main() -> None:
         print("wrote", run.path, flush=True)
         return
     if not run.dry:
-        warm = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        t = time.time()
-        while time.time() - t < 1.5:  # clocks up
-            warm @ warm
-        torch.cuda.synchronize()
+        parts.clocks_up(1.5)
     run.doc["ceilings"] = parts.ceilings(run.dev)
     run.save()
     print("ceilings", json.dumps(run.doc["ceilings"]), flush=True)

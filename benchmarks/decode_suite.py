@@ -339,11 +339,7 @@ def main() -> None:
         second(run)
         return
     if not run.dry:
-        warm = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        t = time.time()
-        while time.time() - t < 2:  # clocks up
-            warm @ warm
-        torch.cuda.synchronize()
+        parts.clocks_up(2)
     run.section("ceilings")
     run.doc["ceilings"] = parts.ceilings(run.dev)
     run.save()
