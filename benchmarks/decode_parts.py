@@ -254,29 +254,43 @@ def lucidrains_layer(batches: list[int], dim: int = 2048, num_memories: int = 25
 
 
 # ---- Hugging Face generate(), in this process --------------------------------------------------------
+# transformers models of our presets' shapes (random bf16 weights): config class, shape, label
+HF_MODELS = {
+    # SwiGLU width 5504 gives dense-1.6b's 1.61 B parameters (its GELU MLP is 4 D wide)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "llama (dense-1.6b shape)",
+              {"vocab_size": 50432, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 32,
+               "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 2048,
+               "tie_word_embeddings": True}),
+    # olmoe-1b-7b: 16 blocks, 64 experts of width 1024, top-8 (OLMoE-1B-7B's published config)
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "olmoe (olmoe-1b-7b shape)",
+              {"vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+               "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 4096,
+               "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False}),
+}
+
+
 @torch.no_grad()
 def hf_generate(settings: list[tuple[str, dict, int]], time_left: Callable[[], float], prompt_len: int = 32,
-                device: str = "cuda", small: dict | None = None) -> list[dict]:
-    """``LlamaForCausalLM.generate`` on a Llama of dense-1.6b's shape (random bf16 weights; SwiGLU
-    width 5504 gives dense-1.6b's 1.61 B parameters), batch 1, greedy; one row per setting
+                device: str = "cuda", small: dict | None = None, arch: str = "llama", batch: int = 1) -> list[dict]:
+    """``generate`` of a transformers model of one of our presets' shapes (``HF_MODELS[arch]``,
+    random bf16 weights), ``batch`` prompts of ``prompt_len`` tokens, greedy; one row per setting
     ``(label, generate kwargs, new tokens)``. A warm-up call (8 tokens; for a compiled static cache
-    the timed length, which it compiles for) precedes each timed call; a setting is skipped when ``time_left()`` is
-    under 20 s (60 s for a static cache, which compiles). ``small``: config overrides (dry run)."""
+    the timed length, which it compiles for) precedes each timed call; a setting is skipped when
+    ``time_left()`` is under 20 s (60 s for a static cache, which compiles). ``small``: config
+    overrides (dry run)."""
     import transformers  # noqa: PLC0415
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
-    shape = {"vocab_size": 50432, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 32,
-             "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 2048}
-    cfg = LlamaConfig(tie_word_embeddings=True, **{**shape, **(small or {})})
+    config_cls, model_cls, name, shape = HF_MODELS[arch]
+    cfg = getattr(transformers, config_cls)(**{**shape, **(small or {})})
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+        model = getattr(transformers, model_cls)(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for label, kw, n in settings:
         compiles = kw.get("cache_implementation") == "static" and not kw.get("disable_compile")
         if time_left() < (60 if compiles else 20):
-            rows.append({"engine": label, "skipped": "time budget"})
+            rows.append({"model": name, "batch": batch, "engine": label, "skipped": "time budget"})
             continue
         try:
             t0 = time.perf_counter()
@@ -290,11 +304,11 @@ def hf_generate(settings: list[tuple[str, dict, int]], time_left: Callable[[], f
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
             sync()
             dt = time.perf_counter() - t
-            rows.append({"model": "llama (dense-1.6b shape)", "batch": 1, "engine": label, "new_tokens": n,
-                         "tokens_per_s": round((out.shape[1] - ids.shape[1]) / dt, 1), "warmup_s": round(warm, 1),
-                         "transformers": transformers.__version__})
+            rows.append({"model": name, "batch": batch, "engine": label, "new_tokens": n,
+                         "tokens_per_s": round(batch * (out.shape[1] - ids.shape[1]) / dt, 1),
+                         "warmup_s": round(warm, 1), "transformers": transformers.__version__})
         except Exception as err:  # noqa: BLE001  (record and go on)
-            rows.append({"engine": label, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            rows.append({"model": name, "batch": batch, "engine": label, "error": f"{type(err).__name__}: {str(err)[:200]}"})
     del model
     if device == "cuda":
         torch.cuda.empty_cache()

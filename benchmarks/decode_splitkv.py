@@ -21,7 +21,8 @@ measured):
    state fits; a batch that does not fit at KV 128 is a note);
 6. ``generate``: our tokens/s at batch 1 (dense-1.6b, graphed), for the HF comparison;
 7. ``--hf`` (a second invocation, its own budget, ``decode-h200-e-hf.json``): HF ``generate()``
-   with a static cache and its automatic compile, then the default cache.
+   with a static cache and its automatic compile, then the default cache: a Llama of dense-1.6b's
+   shape at batch 1, then transformers' OLMoE of olmoe-1b-7b's shape at batch 1 and 64.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ TILES = [(16, 4, 1024), (32, 4, 1024), (64, 4, 1024), (64, 8, 1024), (32, 2, 102
          (64, 4, 4096), (64, 8, 8192)]  # (BLOCK_N, num_warps, target programs)
 # the dry run (TRITON_INTERPRET=1: every op's kernels interpreted) keeps memory layers on SDPA rows
 TINY_ROWS = [("1.6b-x12", "tiny-dense", [1, 4], (SK, SDPA), False), ("1.6b-x12", "tiny-ultramem", [1], (SDPA,), True)]
+# --hf: (decode_parts.HF_MODELS key, batch), in priority order: the Llama of dense-1.6b's shape
+# against our dense-1.6b, then transformers' own OLMoE against our olmoe-1b-7b (the MoE rows)
+HF_RUNS = [("llama", 1), ("olmoe", 1), ("olmoe", 64)]
+HF_DRY_MOE = {"olmoe": {"num_experts": 4, "num_experts_per_tok": 2}}
 HF_SETTINGS = [("HF generate, static cache (its auto compile)", {"cache_implementation": "static"}, 128),
                ("HF generate, default (dynamic) cache", {}, 32)]
 
@@ -202,9 +207,10 @@ def main() -> None:
         bench.time_replays = parts.cpu_timer
         parts.SCALE = 1 << 12
     if args.hf:
-        small = suite.HF_DRY_SHAPE if run.dry else None
-        for r in parts.hf_generate(HF_SETTINGS, run.left, device=run.dev, small=small):
-            run.add("hf", r)
+        for arch, batch in HF_RUNS:
+            small = suite.HF_DRY_SHAPE | HF_DRY_MOE.get(arch, {}) if run.dry else None
+            for r in parts.hf_generate(HF_SETTINGS, run.left, device=run.dev, small=small, arch=arch, batch=batch):
+                run.add("hf", r)
         run.save()
         print("wrote", run.path, flush=True)
         return
