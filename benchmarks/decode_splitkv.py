@@ -48,7 +48,7 @@ SK, SDPA, ROPE = "split_kv", "sdpa", "rope_sdpa"
 ROWS = [  # (family, model, batches, attentions, overlap), priority order
     ("1.6b-x12", "dense-1.6b", [1, 8, 64], (SK, SDPA, ROPE), False),
     ("1.6b-x12", "ultramem-1.6b-x12", [1, 8, 64], (SK, SDPA, ROPE), True),
-    ("1.6b-x12", "moe-1.6b-2in34", [64, 1, 8], (SK,), False),
+    ("1.6b-x12", "moe-1.6b-2in34", [64, 1, 8], (SK, ROPE), False),  # rope_sdpa: the default above B=1
     ("1b-7b", "dense-1b", [1, 8, 64], (SK,), False),
     ("1b-7b", "ultramem-v2-1b-7b", [1, 8, 64], (SK,), True),
     ("1b-7b", "olmoe-1b-7b", [64, 1], (SK,), False),
