@@ -54,6 +54,24 @@ def test_decode_with_state_equals_full_forward(name):
     assert torch.allclose(full, got, atol=1e-4), (full - got).abs().max()
 
 
+def test_cached_grouped_query_decoding_takes_a_strided_sdpa_output(monkeypatch):
+    """The cached path folds grouped query heads into SDPA's query length; SDPA may return that
+    as a strided tensor (fp32 on CUDA), which the path must accept: same logits as the full forward."""
+    import ultramem.model.attention as attention
+
+    model = _model("tiny-dense", "model.n_kv_heads=2")
+    idx = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        full = model(idx).logits
+        real = F.scaled_dot_product_attention
+        monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                            lambda *a, **kw: real(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+        state = DecodeState.allocate(model, 2, 8)
+        prefill = model(idx[:, :5], state=state).logits
+        steps = [model(idx[:, i : i + 1], state=state).logits for i in range(5, 8)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("overrides, check", [
     (["model.n_kv_heads=2"], lambda m: m.blocks[0].attn.k_proj.weight.shape == (2 * 32, 128)),
     (["model.ffn.activation=swiglu"], lambda m: m.blocks[0].ffn.gate_proj is not None),

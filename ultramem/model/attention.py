@@ -145,7 +145,7 @@ class Attention(nn.Module):
             mask = mask.repeat(1, 1, g, 1)
         y = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, g * s, d), keys.to(q.dtype),
                                            values.to(q.dtype), attn_mask=mask)
-        return y.view(b, h, s, d)
+        return y.reshape(b, h, s, d)  # SDPA may return a strided layout (fp32 on CUDA, grouped queries)
 
 
 def kernels_outside_compile() -> None:
