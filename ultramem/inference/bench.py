@@ -32,6 +32,7 @@ from ultramem.layers.moe import MoE
 from ultramem.layers.pkm import PKM
 from ultramem.layers.ultramem import UltraMem
 from ultramem.layers.ultramem_v2 import UltraMemV2
+from ultramem.model.decode_state import ATTENTION
 from ultramem.model.transformer import Transformer
 from ultramem.presets import get_preset
 
@@ -176,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--kv", type=int, default=2048, help="cached positions attention reads")
     d.add_argument("--overlap", action="store_true", help="memory layers on a side stream")
     d.add_argument("--eager", action="store_true", help="no CUDA graph")
-    d.add_argument("--attention", default="auto", choices=("auto", "split_kv", "rope_sdpa", "sdpa"),
+    d.add_argument("--attention", default="auto", choices=ATTENTION,
                    help="how decode steps read the KV cache (auto: split-KV kernels at small batches, "
                         "rope_sdpa above)")
     d.add_argument("--out", default=None, help="write the rows as JSON here")

@@ -23,6 +23,7 @@ from torch import nn
 
 from ultramem.model.decode_state import KVCache
 from ultramem.ops.decode_attention import decode_attention, rope_write
+from ultramem.ops.decode_attention.reference import rotate
 from ultramem.ops.tuning import TUNING
 
 
@@ -64,8 +65,7 @@ class Rotary(nn.Module):
                 )
             cos = self.cos[start : start + s].to(x.dtype)
             sin = self.sin[start : start + s].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return rotate(x, cos, sin)
 
 
 class Attention(nn.Module):
