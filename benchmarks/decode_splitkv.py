@@ -69,6 +69,8 @@ TINY_ROWS = [("1.6b-x12", "tiny-dense", [1, 4], (SK, SDPA), False), ("1.6b-x12",
 # --hf: (decode_parts.HF_MODELS key, batch), in priority order: the Llama of dense-1.6b's shape
 # against our dense-1.6b, then transformers' own OLMoE against our olmoe-1b-7b (the MoE rows)
 HF_RUNS = [("llama", 1), ("olmoe", 1), ("olmoe", 64)]
+HF_OURS = [("dense-1.6b", [1]), ("olmoe-1b-7b", [1, 64]), ("ultramem-1.6b-x12", [1])]  # generate, same lengths
+TINY_OURS = [("tiny-dense", [1]), ("tiny-moe", [1, 4])]
 HF_DRY_MOE = {"olmoe": {"num_experts": 4, "num_experts_per_tok": 2}}
 HF_SETTINGS = [("HF generate, static cache (its auto compile)", {"cache_implementation": "static"}, 128),
                ("HF generate, default (dynamic) cache", {}, 32)]
@@ -197,9 +199,10 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true", help="HF generate() with a static cache + its compile only")
     ap.add_argument("--rows", type=int, default=0,
                     help="a follow-up call: the ceilings and the first N model rows only (decode-h200-f.json)")
+    ap.add_argument("--tag", default="", help="the output's letter: decode-h200-<tag>[-hf].json (default e, f with --rows)")
     args = ap.parse_args()
     run = suite.Suite(args.out, args.budget_s, args.cpu_dry_run)
-    stem = ("decode-dry-" if run.dry else "decode-h200-") + ("f" if args.rows else "e")
+    stem = ("decode-dry-" if run.dry else "decode-h200-") + (args.tag or ("f" if args.rows else "e"))
     run.path = os.path.join(args.out, stem + ("-hf" if args.hf else "") + ".json")
     for key in ("attention", "tiles"):
         run.doc[key] = []
@@ -207,6 +210,12 @@ def main() -> None:
         bench.time_replays = parts.cpu_timer
         parts.SCALE = 1 << 12
     if args.hf:
+        for name, batches in (TINY_OURS if run.dry else HF_OURS):  # ours at the same lengths, same run
+            model = suite.build(run, name)
+            for b in batches if model is not None else ():
+                suite.generate_rows(run, name, model, batch=b, eager=run.dry)
+            del model
+            run.sync()
         for arch, batch in HF_RUNS:
             small = suite.HF_DRY_SHAPE | HF_DRY_MOE.get(arch, {}) if run.dry else None
             for r in parts.hf_generate(HF_SETTINGS, run.left, device=run.dev, small=small, arch=arch, batch=batch):
