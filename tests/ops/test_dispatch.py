@@ -35,6 +35,7 @@ def _calls():
     u, vv = u[:, 0].contiguous(), vh[0].contiguous()
     perm = torch.randperm(400, generator=g).to(torch.int32)
     addr = torch.randint(0, 400, (3, 5), generator=g)
+    off = torch.tensor(-20)
     x, w = torch.randn(1, 16, generator=g), torch.randn(5, 16, generator=g)
     return {
         "lookup_reduce": (lambda impl: lr.lookup_reduce(v, idx, s, blk, 2, impl=impl),
@@ -46,6 +47,8 @@ def _calls():
                              lambda: rt_ref.product_key_topk(s_row[..., 0], s_col[..., 0], 5, 6)),
         "ive_address": (lambda impl: rt.ive_address(addr, perm, 100, impl=impl),
                         lambda: rt_ref.ive_address(addr, perm, 100)),
+        "ring_address": (lambda impl: rt.ring_address(addr, perm, 70, off, 150, impl=impl),
+                         lambda: rt_ref.ring_address(addr, perm, 70, off, 150)),
         "skinny_linear": (lambda impl: sl.skinny_linear(x, w, impl=impl), lambda: x @ w.T),
     }
 

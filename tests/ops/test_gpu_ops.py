@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ultramem.ops.lookup_reduce import lookup_reduce
-from ultramem.ops.retrieval import ive_address, product_key_topk, reference, tucker_topk
+from ultramem.ops.retrieval import ive_address, product_key_topk, reference, ring_address, tucker_topk
 from ultramem.ops.tuning import tuned
 
 pytestmark = pytest.mark.gpu
@@ -207,6 +207,11 @@ def test_retrieval_decode_gpu(rows, dtype):
     assert same >= 0.99, f"selected set differs in {1 - same:.3%} of slots"
     r_ref, b_ref = reference.ive_address(a_k, perm, p)
     assert torch.equal(rows_k, r_ref) and torch.equal(blk_k, b_ref)
+    for table, off in ((None, p // 3), (perm, -(p // 5))):  # V2's ring map, forward and centred
+        offset = torch.tensor(off, device="cuda")
+        got = ring_address(a_k, table, p // 2, offset, p, impl="triton")
+        want = reference.ring_address(a_k, table, p // 2, offset, p)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     with torch.no_grad():
         pk, _ = product_key_topk(s_row[..., 0], s_col[..., 0], k, m, impl="triton")
     p_ref, _ = reference.product_key_topk(s_row[..., 0].float(), s_col[..., 0].float(), k, m)

@@ -132,6 +132,7 @@ def test_grid_chunks(case, many_rows, monkeypatch, rtk):
     (many rows): same selection and scores as the reference."""
     lead, n, r, h_c, k, m, gchunk = case
     monkeypatch.setattr(rtk, "GRID_CHUNK_FEW", gchunk)
+    monkeypatch.setattr(rtk, "GRID_FEW_PER_M", 0)  # exactly this chunk, whatever m
     if many_rows:
         monkeypatch.setattr(rtk, "GRID_FEW_MAX_ROWS", 0)
     g = torch.Generator().manual_seed(n * 3 + k)
@@ -206,6 +207,30 @@ def test_ive_address_matches_reference(n_sq, num_rows, shape):
     assert rows.dtype == blk.dtype == torch.int64 and rows.shape == addr.shape
     assert torch.equal(rows, ref_rows) and torch.equal(blk, ref_blk)
     assert torch.equal(blk * num_rows + rows, perm[addr].long())
+
+
+@pytest.mark.parametrize("window,pool_rows,offset,perm,shape", [
+    (9, 30, 12, 0, (1, 5)),  # forward ring, no wrap
+    (20, 30, 25, 0, (3, 2, 7)),  # wraps past the pool's end
+    (20, 30, -5, 1, (2, 40)),  # centred ring, layer 0: negative offset; a shuffle first
+    (1500, 4000, 3700, 1, (4, 300)),
+])
+def test_ring_address_matches_reference(window, pool_rows, offset, perm, shape):
+    """UltraMemV2's ring map in one launch: ``(local, row)`` equal to the reference's floor
+    modulos (non-negative rows for a negative offset), with and without the address shuffle."""
+    g = torch.Generator().manual_seed(window + pool_rows)
+    n_sq = 4 * window
+    table = torch.randperm(n_sq, generator=g).to(torch.int32) if perm else None
+    addr = torch.randint(0, n_sq, shape, generator=g)
+    addr[..., 0] = addr[..., -1]  # duplicates
+    off = torch.tensor(offset)
+    local, rows = rt.ring_address(addr, table, window, off, pool_rows, impl="triton")
+    ref_local, ref_rows = reference.ring_address(addr, table, window, off, pool_rows)
+    assert local.dtype == rows.dtype == torch.int64 and rows.shape == addr.shape
+    assert torch.equal(local, ref_local) and torch.equal(rows, ref_rows)
+    assert int(rows.min()) >= 0 and int(rows.max()) < pool_rows
+    a = table[addr].long() if perm else addr
+    assert torch.equal(rows, (a % window + offset) % pool_rows)
 
 
 # (lead, N, r, h_c, k, m): k*k not a power of two, m from 1 to k*k, N not a power of two (37,

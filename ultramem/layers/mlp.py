@@ -12,6 +12,7 @@ from torch import nn
 from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
+from ultramem.ops.skinny_linear import skinny_linear
 
 
 @register_layer("mlp")
@@ -70,6 +71,7 @@ class MLP(SparseLayer):
         nn.init.normal_(self.down_proj.weight, std=out_std)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        h = self.up_proj(x)
-        h = F.silu(self.gate_proj(x)) * h if self.gate_proj is not None else F.gelu(h)
-        return self.down_proj(h)
+        # skinny_linear: the decode GEMV kernel for one token, F.linear otherwise
+        h = skinny_linear(x, self.up_proj.weight)
+        h = F.silu(skinny_linear(x, self.gate_proj.weight)) * h if self.gate_proj is not None else F.gelu(h)
+        return skinny_linear(h, self.down_proj.weight)

@@ -27,6 +27,7 @@ from ultramem.layers.memory_common import CoverageTracker, RetrievalLayer, check
 from ultramem.layers.registry import MemoryLayerConfig, ShapeContext, register_layer
 from ultramem.layers.tdqkr import CausalQueryConv, MemoryRetrieval, RetrievalSpec, calibrate_gains
 from ultramem.ops.lookup_reduce.reference import ACTIVATIONS
+from ultramem.ops.retrieval import ring_address
 from ultramem.ops.skinny_linear import skinny_linear
 
 RINGS = ("forward", "centred")
@@ -278,10 +279,7 @@ class UltraMemV2(RetrievalLayer):
     def pool_rows_for(self, addr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logical ``addr`` -> ``(local [0, P'), pool row [0, P_all))`` (``address_shuffle``:
         permuted first, as the authors' code does)."""
-        if self.perm is not None:
-            addr = self.perm[addr].long()
-        local = addr % self.window
-        return local, (local + self.ring_offset) % self.pool_rows
+        return ring_address(addr, self.perm, self.window, self.ring_offset, self.pool_rows, impl=self.cfg.impl)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         cfg, shape = self.cfg, x.shape

@@ -24,6 +24,7 @@ from torch import nn
 from ultramem.model.decode_state import KVCache
 from ultramem.ops.decode_attention import decode_attention, rope_write
 from ultramem.ops.decode_attention.reference import rotate
+from ultramem.ops.skinny_linear import skinny_linear
 from ultramem.ops.tuning import TUNING
 
 
@@ -92,14 +93,15 @@ class Attention(nn.Module):
         """``x [B, S, D]``; with ``cache``: ``positions [B, S]`` where this call's tokens go and
         ``kv_len`` how many cache positions to read (default all)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)
+        # skinny_linear: the decode GEMV kernel for one token, F.linear otherwise
+        q = skinny_linear(x, self.q_proj.weight).view(b, s, self.n_heads, self.head_dim)
+        k = skinny_linear(x, self.k_proj.weight).view(b, s, self.n_kv_heads, self.head_dim)
+        v = skinny_linear(x, self.v_proj.weight).view(b, s, self.n_kv_heads, self.head_dim)
         mode = self._decode_mode(cache, b) if cache is not None and s == 1 else "sdpa"
         if mode != "sdpa":
             y = self._decode_step(q[:, 0], k[:, 0], v[:, 0], cache, positions, kv_len or cache.k.shape[2],
                                   mode == "split_kv")
-            return self.o_proj(y.view(b, 1, -1))
+            return skinny_linear(y.view(b, 1, -1), self.o_proj.weight)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             q, k = self.rotary(q, 0), self.rotary(k, 0)

@@ -31,6 +31,7 @@ from ultramem.layers.norm import make_norm
 from ultramem.layers.state import LayerState
 from ultramem.model.attention import Attention, Rotary
 from ultramem.model.decode_state import DecodeState, KVCache
+from ultramem.ops.skinny_linear import skinny_linear
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Transformer(nn.Module):
             last = (lengths - 1 if lengths is not None else torch.full_like(idx[:, 0], s - 1)).clamp_min(0)
             x = x.gather(1, last.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         x = self.norm(x)
-        logits = F.linear(x, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
+        logits = skinny_linear(x, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
         return self._output(logits, targets)
 
     def _output(self, logits: torch.Tensor, targets: torch.Tensor | None) -> ModelOutput:

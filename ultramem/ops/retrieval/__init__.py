@@ -17,7 +17,7 @@ import torch
 from ultramem.ops._dispatch import kernels_can_run, kernels_for
 from ultramem.ops.retrieval import reference
 
-__all__ = ["ive_address", "product_key_topk", "tucker_topk", "triton_available"]
+__all__ = ["ive_address", "product_key_topk", "ring_address", "tucker_topk", "triton_available"]
 
 KERNELS = "ultramem.ops.retrieval.triton"
 
@@ -91,3 +91,16 @@ def ive_address(
     if kernels is None:
         return reference.ive_address(addr, perm, num_rows)
     return kernels.ive_address(addr, perm, num_rows)
+
+
+def ring_address(
+    addr: torch.Tensor, perm: torch.Tensor | None, window: int, offset: torch.Tensor, pool_rows: int,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`ultramem.ops.retrieval.reference.ring_address` (one launch with the kernel;
+    the reference takes three or four: gather, remainder, add, remainder)."""
+    tensors = (addr, offset) if perm is None else (addr, offset, perm)
+    kernels = kernels_for("ring_address", KERNELS, impl, *tensors)
+    if kernels is None:
+        return reference.ring_address(addr, perm, window, offset, pool_rows)
+    return kernels.ring_address(addr, perm, window, offset, pool_rows)

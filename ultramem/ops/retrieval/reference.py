@@ -78,3 +78,15 @@ def ive_address(addr: torch.Tensor, perm: torch.Tensor, num_rows: int) -> tuple[
     with ``pi = perm[addr]``, ``row = pi mod P``, ``block = pi div P`` (int64 both)."""
     pi = perm[addr].long()
     return pi % num_rows, torch.div(pi, num_rows, rounding_mode="floor")
+
+
+def ring_address(addr: torch.Tensor, perm: torch.Tensor | None, window: int, offset: torch.Tensor,
+                 pool_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """UltraMemV2's ring map (math.md §4.4): logical ``addr`` -> ``(local, row)`` with ``a =
+    perm[addr]`` (when a permutation is given), ``local = a mod P'`` (``window``) and ``row =
+    (local + offset) mod P_all`` (``pool_rows``; ``offset`` a one-element tensor, the window's
+    first pool row, negative for layer 0 of the centred ring), int64 both."""
+    if perm is not None:
+        addr = perm[addr].long()
+    local = addr % window
+    return local, (local + offset) % pool_rows

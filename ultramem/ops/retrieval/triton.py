@@ -19,7 +19,8 @@ bf16) and every selection is the integer radix select of :mod:`.select`:
 Ties: phase 1 takes each side's top-k with ties to the lower key id, the grid the top-m by
 summed score with ties to the lower flat index ``a_slot * k + b_slot``; the winners come out by
 summed score, descending (equal scores: higher flat index first). :func:`ive_address` is the
-IVE address map (§3.6) in one launch. Measurements behind the constants: docs/kernels.md.
+IVE address map (§3.6) and :func:`ring_address` UltraMemV2's ring map (§4.4) in one launch each.
+Measurements behind the constants: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ SPLIT_MIN_SAVING = 0.25  # two key pieces only when they save a quarter of the p
 GRID_CHUNK = 4096  # candidates per grid program for many rows (throughput)
 GRID_CHUNK_FEW = 512  # few rows: more programs a row (32 -> 27 us at 2-128 rows on H200)
 GRID_FEW_MAX_ROWS = 256  # rows up to which GRID_CHUNK_FEW applies (measured up to 128)
+GRID_FEW_PER_M = 8  # few rows: chunks of at least 8 m_pad candidates (m 128: 1024 beats 512 by
+# 2-5 us at 1 / 8 / 64 rows, fewer candidates for the final kernel; v2-chain-h200.json)
 
 
 @triton.jit
@@ -173,6 +176,37 @@ def _ive_kernel(addr_ptr, perm_ptr, row_ptr, blk_ptr, n_addr, num_rows, BLOCK: t
     tl.store(blk_ptr + offs, blk, mask=mask)
 
 
+@triton.jit
+def _ring_kernel(addr_ptr, perm_ptr, off_ptr, local_ptr, row_ptr, n_addr, window, pool_rows,
+                 HAS_PERM: tl.constexpr, BLOCK: tl.constexpr):
+    """UltraMemV2 §4.4: ``a = perm[addr]`` (``HAS_PERM``), ``local = a mod P'``, ``row = (local
+    + offset) mod P_all`` (floor modulo: the centred ring's offset may be negative)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_addr
+    a = tl.load(addr_ptr + offs, mask=mask, other=0).to(tl.int64)
+    if HAS_PERM:
+        a = tl.load(perm_ptr + a, mask=mask, other=0).to(tl.int64)
+    local = a % window
+    row = (local + tl.load(off_ptr).to(tl.int64)) % pool_rows
+    row = tl.where(row < 0, row + pool_rows, row)
+    tl.store(local_ptr + offs, local, mask=mask)
+    tl.store(row_ptr + offs, row, mask=mask)
+
+
+def ring_address(addr, perm, window, offset, pool_rows):
+    """``(local, row)`` int64, each shaped like ``addr``; ``offset`` a one-element tensor."""
+    addr = addr.contiguous()
+    local = torch.empty(addr.shape, device=addr.device, dtype=torch.int64)
+    rows = torch.empty_like(local)
+    n = addr.numel()
+    if n:
+        block = min(1024, triton.next_power_of_2(n))
+        _ring_kernel[(triton.cdiv(n, block),)](addr, perm if perm is not None else addr, offset, local, rows, n,
+                                               window, pool_rows, HAS_PERM=perm is not None, BLOCK=block,
+                                               num_warps=4 if block >= 512 else 1)
+    return local, rows
+
+
 def ive_address(addr, perm, num_rows):
     """``(row, block)`` int64, each shaped like ``addr``."""
     addr = addr.contiguous()
@@ -238,7 +272,7 @@ def topk(s_row, s_col, cores, u, v, k, m, sum_mode):
         u = v = cores = torch.ones(1, device=dev, dtype=torch.float32)
     sel = phase1_select(s_row, s_col, u, v, k, sum_mode)
     kk = k * k
-    gmax = GRID_CHUNK_FEW if rows <= GRID_FEW_MAX_ROWS else GRID_CHUNK
+    gmax = max(GRID_CHUNK_FEW, GRID_FEW_PER_M * m_pad) if rows <= GRID_FEW_MAX_ROWS else GRID_CHUNK
     chunk = max(min(triton.next_power_of_2(kk), gmax), m_pad)
     splits = triton.cdiv(kk, chunk)
     ckey = torch.empty(rows, splits, m_pad, device=dev, dtype=torch.uint32)

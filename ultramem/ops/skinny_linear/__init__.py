@@ -33,7 +33,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> 
     rows = x.numel() // max(x.shape[-1], 1)
     if (kernels is None or rows > min(TUNING.skinny_linear_max_rows, KERNEL_MAX_ROWS)
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype):
+            or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype
+            or torch.compiler.is_compiling()):  # compiled: Inductor forms its own GEMV
         return reference.skinny_linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
     if x2.stride(-1) != 1:
