@@ -21,9 +21,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import decode_parts as parts  # noqa: E402
 import decode_suite as suite  # noqa: E402
 from decode import fits_kv  # noqa: E402
+
+from ultramem.ops.tuning import tuned  # noqa: E402
 
 BATCHES = [1, 8, 64, 256, 32, 128]  # priority order
 FAMILIES = [  # (family, models, share of the budget)
@@ -33,6 +36,7 @@ FAMILIES = [  # (family, models, share of the budget)
                    "memory-plus-227m-1.2b"], 0.2),
 ]
 GENERATE_SHARE = 0.3
+AB = ["dense-1.6b", "dense-1b", "ultramem-v2-1b-7b"]  # B=1 also with skinny_linear off (F.linear)
 PARTS = ["dense-1b", "ultramem-v2-1b-7b"]  # batch 1
 GENERATE = ["dense-1.6b", "ultramem-1.6b-x12"]  # batch 1, 32-token prompt, 128 new, graphs and eager
 HF = [("HF generate, static cache (its auto compile)", {"cache_implementation": "static"}, 128)]
@@ -59,6 +63,10 @@ def family(run: suite.Suite, fam: str, names: list[str], share: float) -> None:
                 continue
             suite.point(run, "rows", name, fam, model, b, kv, calls=5 if moe else 10, overlap=memory,
                         attention="auto")
+        if name in AB or (run.dry and name == "tiny-dense"):  # the same step with cuBLAS's GEMV at one token
+            with tuned(skinny_linear_max_rows=0):
+                suite.point(run, "ab", f"{name} [F.linear at one token]", fam, model, 1, kv_at(model, 1),
+                            overlap=memory, attention="auto")
         if name in PARTS or (run.dry and name == "tiny-ultramem-v2"):
             try:
                 run.add("parts", {"model": name, "family": fam, **parts.step_parts(model, 1, kv_at(model, 1))})
@@ -99,6 +107,7 @@ def main() -> None:
         parts.SCALE = 1 << 12
     else:
         parts.clocks_up(1.5)
+    run.doc["ab"] = []
     run.doc["ceilings"] = parts.ceilings(run.dev)
     run.save()
     generate(run)
