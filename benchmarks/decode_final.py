@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+import torch
+
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import decode_parts as parts  # noqa: E402
@@ -94,14 +96,46 @@ def generate(run: suite.Suite) -> None:
         run.sync()
 
 
+def compiled(run: suite.Suite) -> None:
+    """``--compile`` (a second call): HF's compiled static cache, then our generate with plain
+    graphs and with ``torch.compile`` + graphs (``Engine(compile=True)``), then the one-token GEMV
+    A/B at B=1 again (a repeat of the sweep's), all in one process."""
+    run.until = run.t0 + run.budget
+    small = suite.HF_DRY_SHAPE if run.dry else None
+    for r in parts.hf_generate(HF, run.left, device=run.dev, small=small, arch="llama", batch=1):
+        run.add("hf", r)
+    for name in GENERATE if not run.dry else ["tiny-dense"]:
+        model = suite.build(run, name)
+        if model is None:
+            continue
+        suite.generate_rows(run, name, model, eager=False)
+        if run.left() > 60 or run.dry:
+            torch._dynamo.reset()
+            suite.generate_rows(run, name, model, compile={"backend": "eager"} if run.dry else True)
+        else:
+            run.note(f"{name}: compiled generate skipped (time budget)")
+        del model
+        run.sync()
+    for name in AB[:2] if not run.dry else ["tiny-dense"]:
+        model = suite.build(run, name)
+        for kernel in (True, False):
+            with tuned(skinny_linear_max_rows=1 if kernel else 0):
+                label = name if kernel else f"{name} [F.linear at one token]"
+                suite.point(run, "ab", label, "ab", model, 1, kv_at(model, 1), attention="auto")
+        del model
+        run.sync()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=280)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny presets on the CPU, CPU timers")
+    ap.add_argument("--compile", action="store_true", help="the compiled-generate call (decode-h200-g-compile.json)")
     args = ap.parse_args()
     run = suite.Suite(args.out, args.budget_s, args.cpu_dry_run)
-    run.path = os.path.join(args.out, "decode-dry-g.json" if run.dry else "decode-h200-g.json")
+    stem = ("decode-dry-g" if run.dry else "decode-h200-g") + ("-compile" if args.compile else "")
+    run.path = os.path.join(args.out, stem + ".json")
     if run.dry:
         suite.bench.time_replays = parts.cpu_timer
         parts.SCALE = 1 << 12
@@ -110,6 +144,11 @@ def main() -> None:
     run.doc["ab"] = []
     run.doc["ceilings"] = parts.ceilings(run.dev)
     run.save()
+    if args.compile:
+        compiled(run)
+        run.save()
+        print("wrote", run.path, "in", round(time.time() - run.t0), "s", flush=True)
+        return
     generate(run)
     for i, (fam, names, share) in enumerate(FAMILIES):
         family(run, fam, TINY.get(fam, []) if run.dry else names, share if i < len(FAMILIES) - 1 else 1.0)

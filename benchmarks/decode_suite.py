@@ -190,21 +190,24 @@ def moe_paths(run: Suite, name: str, model) -> None:
                 cfg.impl = "auto"
 
 
-def generate_rows(run: Suite, name: str, model, new: int = 128, batch: int = 1, eager: bool = True) -> None:
-    """``Engine.generate_ids`` of ``batch`` 32-token prompts: graphed, then (``eager``) eager."""
+def generate_rows(run: Suite, name: str, model, new: int = 128, batch: int = 1, eager: bool = True,
+                  compile: bool = False) -> None:
+    """``Engine.generate_ids`` of ``batch`` 32-token prompts: graphed, then (``eager``) eager;
+    ``compile``: the graphed run's step through ``torch.compile`` first (then no eager run)."""
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, 32)).tolist()
-    for graphs in (True, False) if eager else (True,):
+    for graphs in (True, False) if eager and not compile else (True,):
         if run.left() < 6 or (graphs and run.dry):
             continue
         n = new if graphs else 32
         try:
-            eng = Engine(model, batch, 32 + new, Sampling(0.0), graphs=graphs)
+            eng = Engine(model, batch, 32 + new, Sampling(0.0), graphs=graphs, compile=compile)
             eng.generate_ids(prompt, 8)  # warm-up (the graph is captured at the first use)
             res = eng.generate_ids(prompt, n)
         except Exception as err:  # noqa: BLE001
             run.note(f"{name} generate graphs={graphs}: {type(err).__name__}: {str(err)[:200]}")
             continue
-        run.add("generate", {"model": name, "batch": batch, "engine": "ultramem graphs" if graphs else "ultramem eager",
+        label = "ultramem compile+graphs" if compile else "ultramem graphs" if graphs else "ultramem eager"
+        run.add("generate", {"model": name, "batch": batch, "engine": label,
                              "new_tokens": res.new_tokens, "tokens_per_s": round(res.tokens_per_s, 1),
                              "decode_tokens_per_s": round(res.steps / max(res.decode_s, 1e-9), 1),
                              "graphed": res.graphed})
