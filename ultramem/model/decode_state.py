@@ -29,6 +29,7 @@ import torch
 from ultramem.errors import ConfigError
 from ultramem.layers.state import LayerState
 from ultramem.ops import decode_attention as decode_ops  # imports no Triton until a kernel is asked for
+from ultramem.ops.tuning import TUNING
 
 if TYPE_CHECKING:  # pragma: no cover
     from ultramem.model.transformer import Transformer
@@ -199,7 +200,7 @@ class SideStream:
     ``record_stream`` tells the allocator which stream still reads a tensor."""
 
     def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(device, priority=TUNING.overlap_stream_priority)
 
     def launch(self, fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         main = torch.cuda.current_stream()
