@@ -4,7 +4,8 @@ graph, memory layers overlapped), batches 1 / 8 / 32 / 64 / 128 / 256, KV 2048 (
 where the state must fit, stated in the row), then where V2's step goes, then ``generate``
 tokens/s beside Hugging Face's compiled static cache, all in one process.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/decode_final.py --out $OUT --budget-s 280
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/decode_final.py --out $OUT --budget-s 280 [--tag h]
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/decode_final.py --out $OUT --compile --budget-s 150
     PYTHONPATH=. python benchmarks/decode_final.py --cpu-dry-run --out /tmp/x   # tiny presets, CPU
 
 Sections in priority order, each under a share of ``--budget-s``; the JSON is rewritten after
@@ -131,10 +132,11 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=280)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny presets on the CPU, CPU timers")
-    ap.add_argument("--compile", action="store_true", help="the compiled-generate call (decode-h200-g-compile.json)")
+    ap.add_argument("--compile", action="store_true", help="the compiled-generate call (decode-h200-<tag>-compile.json)")
+    ap.add_argument("--tag", default="g", help="the output's letter: decode-h200-<tag>.json")
     args = ap.parse_args()
     run = suite.Suite(args.out, args.budget_s, args.cpu_dry_run)
-    stem = ("decode-dry-g" if run.dry else "decode-h200-g") + ("-compile" if args.compile else "")
+    stem = ("decode-dry-" if run.dry else "decode-h200-") + args.tag + ("-compile" if args.compile else "")
     run.path = os.path.join(args.out, stem + ".json")
     if run.dry:
         suite.bench.time_replays = parts.cpu_timer

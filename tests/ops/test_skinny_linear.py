@@ -83,3 +83,20 @@ def test_falls_back_for_training_many_rows_and_torch(monkeypatch):
     with torch.no_grad():
         skinny_linear(x, w, impl="auto")
     assert calls  # and the same call with auto takes the kernel
+
+
+def test_wide_large_weights_take_cublas(monkeypatch):
+    """Weights wider than 2 K and at least WIDE_MIN_ELEMS large go to F.linear (cuBLAS's GEMV
+    is faster there on H200); a square or narrow one of the same size takes the kernel."""
+    monkeypatch.setattr(sl, "WIDE_MIN_ELEMS", 1000)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 20, generator=g)
+    wide, small_wide, narrow = (torch.randn(n, k, generator=g) for n, k in ((100, 20), (45, 20), (20, 60)))
+    calls = _kernel_calls(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(skinny_linear(x, wide, impl="triton"), F.linear(x, wide))
+        assert not calls
+        skinny_linear(x, small_wide, impl="triton")  # 900 elements: under the size bound
+        skinny_linear(torch.randn(1, 60, generator=g), narrow, impl="triton")
+    assert len(calls) == 2
+    assert sl.kernel_shape(2048, 2048) and sl.kernel_shape(2048, 8192) and not sl.kernel_shape(8192, 2048)

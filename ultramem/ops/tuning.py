@@ -41,9 +41,12 @@ class Tuning:
     # decode-h200-f.json: B=1 split-KV 2.66 ms, rope_sdpa 2.91, SDPA 4.15; B=8 3.84 / 3.68 / 5.00;
     # B=64 12.96 / 10.32 / 11.73 (SDPA reads a large cache at 3-4.5 TB/s, split-KV ~3; docs/inference.md)
     decode_attention_max_heads: int = 16
-    # overlap=True decode: the CUDA priority of the memory layers' side stream (0 = default;
-    # lower is higher, -1 the highest on current GPUs), read when a DecodeState is allocated
-    overlap_stream_priority: int = 0
+    # overlap=True decode: the CUDA priority of the memory layers' side stream (lower is higher;
+    # -1 the highest on current GPUs, 0 the default stream's), read when a DecodeState is
+    # allocated. H200, graphed, decode-step ms at 0 / -1 (docs/results/s7-ab-h200.json):
+    # ultramem-v2-1b-7b B=1 1.962 / 1.839, B=8 2.621 / 2.615; ultramem-1.6b-x12 and the 227M V2
+    # within 0.4 % either way: the chain's small kernels get SMs before the FFN's GEMV blocks
+    overlap_stream_priority: int = -1
 
 
 TUNING = Tuning()
