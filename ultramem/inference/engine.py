@@ -89,12 +89,14 @@ class Engine:
     graph itself, so a mode with its own CUDA graphs is refused); ``attention``: how decode steps
     read the KV cache, ``"auto"`` (on CUDA the split-KV kernels for small batches, the fused
     rotary + write then SDPA for larger ones) | ``"split_kv"`` | ``"rope_sdpa"`` | ``"sdpa"``
-    (:meth:`DecodeState.allocate`).
+    (:meth:`DecodeState.allocate`); ``pack`` (default: on CUDA): :meth:`Transformer.pack_projections`
+    first (each block's q/k/v, SwiGLU's gate/up as one GEMM; same parameters and values).
     """
 
     def __init__(self, model: Transformer, max_batch: int = 1, max_len: int | None = None,
                  sampling: Sampling | None = None, graphs: bool | None = None, overlap: bool = False,
-                 prefill_chunk: int = 512, compile: bool | dict = False, attention: str = "auto") -> None:
+                 prefill_chunk: int = 512, compile: bool | dict = False, attention: str = "auto",
+                 pack: bool | None = None) -> None:
         self.model = model.eval()
         self.device = model.embed_tokens.weight.device
         self.sampling = sampling or Sampling()
@@ -104,6 +106,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_len = max_len or model.cfg.max_seq_len
         self.prefill_chunk = prefill_chunk
+        if (self.device.type == "cuda") if pack is None else pack:
+            model.pack_projections()  # q/k/v (and gate/up) in one GEMM each: same weights
         self.state = DecodeState.allocate(model, max_batch, self.max_len, overlap=overlap, attention=attention)
         self.buckets: dict[int, _Bucket] = {}
         self.compiled = bool(compile)

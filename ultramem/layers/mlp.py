@@ -11,6 +11,7 @@ from torch import nn
 
 from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
+from ultramem.layers.packed import pack, packed
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 from ultramem.ops.skinny_linear import skinny_linear
 
@@ -70,8 +71,19 @@ class MLP(SparseLayer):
         out_std = std / math.sqrt(2 * self.n_layers) if self.cfg.out_init_scaled else std
         nn.init.normal_(self.down_proj.weight, std=out_std)
 
+    def pack_projections(self) -> None:
+        """SwiGLU: gate and up weights as views of one buffer (:func:`ultramem.layers.packed.pack`)."""
+        if self.gate_proj is not None:
+            pack(self, (self.gate_proj, self.up_proj))
+
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         # skinny_linear: the decode GEMV kernel for one token, F.linear otherwise
+        if self.gate_proj is not None:
+            buf = packed(self, (self.gate_proj, self.up_proj))
+            if buf is not None and not torch.is_grad_enabled():  # one GEMM for gate and up
+                g, h = skinny_linear(x, buf).chunk(2, -1)
+            else:
+                g, h = skinny_linear(x, self.gate_proj.weight), skinny_linear(x, self.up_proj.weight)
+            return skinny_linear(F.silu(g) * h, self.down_proj.weight)
         h = skinny_linear(x, self.up_proj.weight)
-        h = F.silu(skinny_linear(x, self.gate_proj.weight)) * h if self.gate_proj is not None else F.gelu(h)
-        return skinny_linear(h, self.down_proj.weight)
+        return skinny_linear(h, self.down_proj.weight, activation="gelu")  # F.linear(F.gelu(h), W)

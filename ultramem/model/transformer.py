@@ -27,6 +27,7 @@ from torch import nn
 
 from ultramem.config import ModelConfig
 from ultramem.layers.base import SparseLayer
+from ultramem.layers.mlp import MLP
 from ultramem.layers.norm import make_norm
 from ultramem.layers.state import LayerState
 from ultramem.model.attention import Attention, Rotary
@@ -183,6 +184,14 @@ class Transformer(nn.Module):
         x = self.norm(x)
         logits = skinny_linear(x, self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight)
         return self._output(logits, targets)
+
+    def pack_projections(self) -> None:
+        """Pack the projections that read one input (each block's q/k/v, SwiGLU's gate/up) into
+        one weight buffer each, for inference (:mod:`ultramem.layers.packed`; same parameters,
+        same values, same state dict). The engine calls it on CUDA."""
+        for mod in self.modules():
+            if isinstance(mod, (Attention, MLP)):
+                mod.pack_projections()
 
     def _output(self, logits: torch.Tensor, targets: torch.Tensor | None) -> ModelOutput:
         aux_losses: dict[str, torch.Tensor] = {}
