@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=280)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny presets on the CPU, CPU timers")
     ap.add_argument("--compile", action="store_true", help="the compiled-generate call (decode-h200-<tag>-compile.json)")
+    ap.add_argument("--family", action="append", default=[], help="only these families (repeatable)")
     ap.add_argument("--tag", default="g", help="the output's letter: decode-h200-<tag>.json")
     args = ap.parse_args()
     run = suite.Suite(args.out, args.budget_s, args.cpu_dry_run)
@@ -152,8 +153,9 @@ def main() -> None:
         print("wrote", run.path, "in", round(time.time() - run.t0), "s", flush=True)
         return
     generate(run)
-    for i, (fam, names, share) in enumerate(FAMILIES):
-        family(run, fam, TINY.get(fam, []) if run.dry else names, share if i < len(FAMILIES) - 1 else 1.0)
+    families = [f for f in FAMILIES if not args.family or f[0] in args.family]
+    for i, (fam, names, share) in enumerate(families):
+        family(run, fam, TINY.get(fam, []) if run.dry else names, share if i < len(families) - 1 else 1.0)
     run.save()
     print("wrote", run.path, "in", round(time.time() - run.t0), "s", flush=True)
 

@@ -156,11 +156,11 @@ def test_tucker_topk_gpu(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b", [1, 2, 5, 8])
-@pytest.mark.parametrize("n,k,act", [(896, 2048, "identity"), (2048, 4096, "identity"), (2048, 8192, "gelu")])
-def test_skinny_linear_decode_bf16(b, n, k, act, monkeypatch):
-    """The decode projections of the 1.6B-x12 layer in bf16 (and dense-1.6b's down projection
-    with the GELU on load): the kernel within twice the error of cuBLAS's ``F.linear`` against
-    fp64 (plus one bf16 ulp for the output rounding)."""
+@pytest.mark.parametrize("n,k", [(896, 2048), (2048, 4096), (2048, 8192)])
+def test_skinny_linear_decode_bf16(b, n, k, monkeypatch):
+    """The decode projections of the 1.6B-x12 layer and dense-1.6b's down projection in bf16:
+    the kernel within twice the error of cuBLAS's ``F.linear`` against fp64 (plus one bf16 ulp
+    for the output rounding)."""
     import ultramem.ops.skinny_linear as sl
     import ultramem.ops.skinny_linear.triton as slk
 
@@ -170,10 +170,8 @@ def test_skinny_linear_decode_bf16(b, n, k, act, monkeypatch):
     calls = []
     monkeypatch.setattr(slk, "skinny_linear", lambda *a, _f=slk.skinny_linear: calls.append(1) or _f(*a))
     with torch.no_grad(), tuned(skinny_linear_max_rows=sl.KERNEL_MAX_ROWS):  # default: 1 row
-        ours = sl.skinny_linear(x, w, impl="auto", activation=act)
+        ours = sl.skinny_linear(x, w, impl="auto")
     assert calls, "the kernel did not run"
-    if act == "gelu":  # the kernel's GELU on load against F.gelu's bf16 output, then the product
-        x = F.gelu(x)
     exact = x.double() @ w.double().T
     base = (F.linear(x, w).double() - exact).abs().max().item()
     err = (ours.double() - exact).abs().max().item()

@@ -101,23 +101,3 @@ def test_wide_large_weights_take_cublas(monkeypatch):
     assert len(calls) == 2
     assert sl.kernel_shape(2048, 2048) and sl.kernel_shape(2048, 8192) and not sl.kernel_shape(8192, 2048)
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gelu_on_load_matches_gelu_then_linear(dtype, monkeypatch):
-    """``activation="gelu"``: the kernel's GELU of x as it loads it equals F.gelu then F.linear
-    (a GELU MLP's down projection at one token); the fallback path applies the same GELU."""
-    g = torch.Generator().manual_seed(6)
-    x = (torch.randn(1, 300, generator=g) * 2).to(dtype)
-    w = (torch.randn(40, 300, generator=g) / 300**0.5).to(dtype)
-    calls = _kernel_calls(monkeypatch)
-    with torch.no_grad():
-        out = skinny_linear(x, w, impl="triton", activation="gelu")
-        ref = F.linear(F.gelu(x), w)
-        plain = skinny_linear(x, w, impl="triton")
-    assert len(calls) == 2
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
-    assert (out.float() - plain.float()).abs().max() > 0.1  # the activation is applied
-    torch.testing.assert_close(skinny_linear(x, w, impl="torch", activation="gelu"), ref)
-    with pytest.raises(ValueError, match="activation 'relu'"):
-        skinny_linear(x, w, activation="relu")

@@ -85,5 +85,4 @@ class MLP(SparseLayer):
             else:
                 g, h = skinny_linear(x, self.gate_proj.weight), skinny_linear(x, self.up_proj.weight)
             return skinny_linear(F.silu(g) * h, self.down_proj.weight)
-        h = skinny_linear(x, self.up_proj.weight)
-        return skinny_linear(h, self.down_proj.weight, activation="gelu")  # F.linear(F.gelu(h), W)
+        return skinny_linear(F.gelu(skinny_linear(x, self.up_proj.weight)), self.down_proj.weight)

@@ -37,14 +37,8 @@ def triton_available(*tensors: torch.Tensor) -> bool:
     return kernels_can_run(KERNELS, *tensors)
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto",
-                  activation: str = "identity") -> torch.Tensor:
-    """``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``, equal to ``F.linear(x, weight)``, or to
-    ``F.linear(F.gelu(x), weight)`` with ``activation="gelu"`` (the kernel applies it as it loads
-    ``x``: one launch fewer in a GELU MLP's decode step)."""
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"skinny_linear: activation {activation!r}; allowed: "
-                         f"{', '.join(reference.ACTIVATIONS)}")
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``x [..., K]``, ``weight [N, K]`` -> ``[..., N]``, equal to ``F.linear(x, weight)``."""
     kernels = kernels_for("skinny_linear", KERNELS, impl, x, weight)
     rows = x.numel() // max(x.shape[-1], 1)
     if (kernels is None or rows > min(TUNING.skinny_linear_max_rows, KERNEL_MAX_ROWS)
@@ -52,8 +46,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto",
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype
             or torch.compiler.is_compiling()):  # compiled: Inductor forms its own GEMV
-        return reference.skinny_linear(x, weight, activation)
+        return reference.skinny_linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return kernels.skinny_linear(x2, weight.contiguous(), activation).view(*x.shape[:-1], weight.shape[0])
+    return kernels.skinny_linear(x2, weight.contiguous()).view(*x.shape[:-1], weight.shape[0])

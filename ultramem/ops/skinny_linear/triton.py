@@ -22,9 +22,8 @@ def _blocks(rows: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                   BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GELU: tl.constexpr):
-    """``y[:, n-tile] = act(x) W[n-tile]^T``: one program per ``BLOCK_N`` output columns; ``GELU``:
-    the exact (erf) GELU applied to ``x`` as it is loaded, in fp32."""
+                   BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y[:, n-tile] = x W[n-tile]^T``: one program per ``BLOCK_N`` output columns."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BM)
     rk = tl.arange(0, BLOCK_K)
@@ -39,19 +38,16 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
         kk = k0 + rk
         xk = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
                      mask=mmask[:, None] & (kk[None, :] < K), other=0.0)
-        xf = xk.to(tl.float32)
-        if GELU:  # rounded to x's dtype, as F.gelu's output would be
-            xf = (0.5 * xf * (1.0 + tl.math.erf(xf * 0.7071067811865476))).to(xk.dtype).to(tl.float32)
-        acc += xf[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc += xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         w = w_next
     y = tl.sum(acc, axis=2)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, activation: str = "identity") -> torch.Tensor:
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x [M, K]`` (M <= 8, unit stride along K), ``weight [N, K]`` contiguous
-    -> ``act(x) W^T`` ``[M, N]`` in ``x``'s dtype (``activation``: identity | gelu)."""
+    -> ``[M, N]`` in ``x``'s dtype."""
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -61,5 +57,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, activation: str = "iden
     bn, bk, warps = _blocks(bm)
     bk = min(bk, triton.next_power_of_2(k))
     _skinny_kernel[(triton.cdiv(n, bn),)](x, weight, y, m, n, k, x.stride(0), y.stride(0), BM=bm,
-                                          BLOCK_N=bn, BLOCK_K=bk, GELU=activation == "gelu", num_warps=warps)
+                                          BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y
