@@ -85,7 +85,9 @@ def kv_at(model, b: int) -> int:
 
 def generate(run: suite.Suite) -> None:
     """HF's compiled static cache first (its compile needs a minute), then ours, same lengths."""
-    run.until = min(run.t0 + run.budget, time.time() + GENERATE_SHARE * run.budget)
+    # at least 80 s: hf_generate skips a compiled static cache with under 60 s left (decode-h200-j
+    # lost its HF row so, at --budget-s 200)
+    run.until = min(run.t0 + run.budget, time.time() + max(GENERATE_SHARE * run.budget, 80))
     small = suite.HF_DRY_SHAPE if run.dry else None
     for r in parts.hf_generate(HF, run.left, device=run.dev, small=small, arch="llama", batch=1):
         run.add("hf", r)
