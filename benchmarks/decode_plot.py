@@ -144,3 +144,43 @@ def plot_parts(doc: dict, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
+
+
+def plot_ratios(paths: list[str], out: str) -> Path:
+    """Each model's decode step over its family's dense model, against batch: one panel per
+    family, each family from the last of ``paths`` that holds it (every ratio within one run),
+    with the issue's 1.05x line for the memory layers."""
+    fams: dict[str, tuple[str, list[dict]]] = {}
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        for fam in dict.fromkeys(r["family"] for r in doc["rows"]):
+            fams[fam] = (Path(p).name, [r for r in doc["rows"] if r["family"] == fam])
+    fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.2), squeeze=False)
+    for ax, (fam, (src, rows)) in zip(axes[0], fams.items()):
+        dense = {r["batch"]: r["ms"] for r in rows if r["model"].startswith("dense-")}
+        for name, rs in _series(rows, fam).items():
+            if name.startswith("dense-"):
+                continue
+            rs = [r for r in rs if r["batch"] in dense]
+            ax.plot([r["batch"] for r in rs], [r["ms"] / dense[r["batch"]] for r in rs], marker="o", ms=3, label=name)
+        ax.axhline(1.05, color="k", lw=0.8, ls=":", label="1.05x (memory-layer target)")
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_yticks([1, 1.05, 1.25, 1.5, 2, 3])
+        ax.set_yticklabels(["1", "1.05", "1.25", "1.5", "2", "3"])
+        ax.set_xlabel("batch")
+        ax.set_ylabel("decode step / dense step")
+        ax.set_title(f"{fam} ({src})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Decode step relative to the family's dense model (same run per family; H200, bf16, KV 2048)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return Path(out)
+
+
+if __name__ == "__main__":  # python benchmarks/decode_plot.py OUT.png A.json [B.json ...]: the ratio figure
+    import sys
+
+    print(plot_ratios(sys.argv[2:], sys.argv[1]))
