@@ -16,6 +16,10 @@ from ultramem.resolve import load_config
 from ultramem.train.trainer import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+# tiny-ultramem's curve differs across CPUs by more than the others' (its top-m picks amplify
+# rounding): on an AMD EPYC against the committed curve, up to 3.5e-3 relative from step 3 on
+# (session 7), in a curve that still tracks the golden one (last loss 6.964 vs 6.956)
+REL_TOL = {"tiny-ultramem": 5e-3}
 CASES = {  # preset -> placement for 2 blocks
     "tiny-ultramem": "1:1/2:2",
     "tiny-ultramem-v2": "full",
@@ -37,4 +41,4 @@ def test_golden_loss_memory_models(preset, slice_data, tmp_path):
         what = f"tests/train/test_golden_memory.py: {preset} with tiny_overrides on the slice, 30 steps, CPU fp32"
         path.write_text(json.dumps({"what": what, "losses": losses}, indent=1) + "\n")
     golden = json.loads(path.read_text())["losses"]
-    assert losses == pytest.approx(golden, rel=2e-3, abs=2e-3)
+    assert losses == pytest.approx(golden, rel=REL_TOL.get(preset, 2e-3), abs=2e-3)
