@@ -193,31 +193,29 @@ def _ring_kernel(addr_ptr, perm_ptr, off_ptr, local_ptr, row_ptr, n_addr, window
     tl.store(row_ptr + offs, row, mask=mask)
 
 
-def ring_address(addr, perm, window, offset, pool_rows):
-    """``(local, row)`` int64, each shaped like ``addr``; ``offset`` a one-element tensor."""
+def _address_map(kernel, addr, before: tuple, after: tuple, **meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch an elementwise address kernel ``kernel(addr, *before, out_a, out_b, n, *after)``
+    over ``addr`` -> two int64 tensors shaped like ``addr``."""
     addr = addr.contiguous()
-    local = torch.empty(addr.shape, device=addr.device, dtype=torch.int64)
-    rows = torch.empty_like(local)
+    out_a = torch.empty(addr.shape, device=addr.device, dtype=torch.int64)
+    out_b = torch.empty_like(out_a)
     n = addr.numel()
     if n:
         block = min(1024, triton.next_power_of_2(n))
-        _ring_kernel[(triton.cdiv(n, block),)](addr, perm if perm is not None else addr, offset, local, rows, n,
-                                               window, pool_rows, HAS_PERM=perm is not None, BLOCK=block,
-                                               num_warps=4 if block >= 512 else 1)
-    return local, rows
+        kernel[(triton.cdiv(n, block),)](addr, *before, out_a, out_b, n, *after, BLOCK=block,
+                                         num_warps=4 if block >= 512 else 1, **meta)
+    return out_a, out_b
+
+
+def ring_address(addr, perm, window, offset, pool_rows):
+    """``(local, row)`` int64, each shaped like ``addr``; ``offset`` a one-element tensor."""
+    return _address_map(_ring_kernel, addr, (perm if perm is not None else addr, offset), (window, pool_rows),
+                        HAS_PERM=perm is not None)
 
 
 def ive_address(addr, perm, num_rows):
     """``(row, block)`` int64, each shaped like ``addr``."""
-    addr = addr.contiguous()
-    rows = torch.empty(addr.shape, device=addr.device, dtype=torch.int64)
-    blk = torch.empty_like(rows)
-    n = addr.numel()
-    if n:
-        block = min(1024, triton.next_power_of_2(n))
-        _ive_kernel[(triton.cdiv(n, block),)](addr, perm, rows, blk, n, num_rows, BLOCK=block,
-                                              num_warps=4 if block >= 512 else 1)
-    return rows, blk
+    return _address_map(_ive_kernel, addr, (perm,), (num_rows,))
 
 
 def supported(n: int, k: int, m: int) -> bool:
