@@ -60,9 +60,11 @@ def device_tag() -> str:
     return next((t for t in ("h200", "h100", "a100", "l4") if t in name), name.split()[-1])
 
 
-def fits_kv(model, batch: int, kv: int) -> int:
-    """Largest kv <= ``kv`` (halving) whose weights + K/V + logits fit ``GPU_BYTES``."""
+def fits_kv(model, batch: int, kv: int | None = None) -> int:
+    """Largest kv <= ``kv`` (halving; default: 2048, or the model's context if shorter) whose
+    weights + K/V + logits fit ``GPU_BYTES``."""
     cfg = model.cfg
+    kv = min(2048, cfg.max_seq_len) if kv is None else kv
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     while kv >= 128:
         state = len(model.blocks) * 2 * batch * kv * cfg.kv_heads * cfg.head_dim * 2
@@ -86,7 +88,7 @@ def measure_family(run: Run, family: str, names: list[str], share: float) -> Non
             if time.time() - t_model > model_budget or run.left() < 5:
                 run.doc["notes"].append(f"{name}: stopped before batch {b} (time budget)")
                 break
-            kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
+            kv = fits_kv(model, b)
             if kv == 0:
                 continue
             for overlap in ((False, True) if overlap_too else (False,)):

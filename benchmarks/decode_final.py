@@ -60,7 +60,7 @@ def family(run: suite.Suite, fam: str, names: list[str], share: float) -> None:
         memory = len(model.memory) > 0
         moe = getattr(model.blocks[0].ffn, "path_for", None) is not None
         for b in BATCHES if not run.dry else [1, 4]:
-            kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
+            kv = fits_kv(model, b)
             if kv == 0 or run.left() < 4:
                 run.note(f"{name}: B={b} " + ("does not fit" if kv == 0 else "skipped (time budget)"))
                 continue
@@ -68,19 +68,15 @@ def family(run: suite.Suite, fam: str, names: list[str], share: float) -> None:
                         attention="auto")
         if name in AB or (run.dry and name == "tiny-dense"):  # the same step with cuBLAS's GEMV at one token
             with tuned(skinny_linear_max_rows=0):
-                suite.point(run, "ab", f"{name} [F.linear at one token]", fam, model, 1, kv_at(model, 1),
+                suite.point(run, "ab", f"{name} [F.linear at one token]", fam, model, 1, fits_kv(model, 1),
                             overlap=memory, attention="auto")
         if name in PARTS or (run.dry and name == "tiny-ultramem-v2"):
             try:
-                run.add("parts", {"model": name, "family": fam, **parts.step_parts(model, 1, kv_at(model, 1))})
+                run.add("parts", {"model": name, "family": fam, **parts.step_parts(model, 1, fits_kv(model, 1))})
             except Exception as err:  # noqa: BLE001
                 run.note(f"{name} parts: {type(err).__name__}: {str(err)[:300]}")
         del model
         run.sync()
-
-
-def kv_at(model, b: int) -> int:
-    return fits_kv(model, b, min(2048, model.cfg.max_seq_len))
 
 
 def generate(run: suite.Suite) -> None:
@@ -124,7 +120,7 @@ def compiled(run: suite.Suite) -> None:
         for kernel in (True, False):
             with tuned(skinny_linear_max_rows=1 if kernel else 0):
                 label = name if kernel else f"{name} [F.linear at one token]"
-                suite.point(run, "ab", label, "ab", model, 1, kv_at(model, 1), attention="auto")
+                suite.point(run, "ab", label, "ab", model, 1, fits_kv(model, 1), attention="auto")
         del model
         run.sync()
 

@@ -142,7 +142,7 @@ def model_rows(run: suite.Suite, rows) -> None:
             continue
         moe = getattr(model.blocks[0].ffn, "path_for", None) is not None
         for b in batches:
-            kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
+            kv = fits_kv(model, b)
             for attention in attentions:
                 if run.left() < 4:
                     run.note(f"rows: {name} stopped before B={b} {attention} (time budget)")
@@ -156,7 +156,7 @@ def model_rows(run: suite.Suite, rows) -> None:
                 for attention in pattn:
                     if run.left() < 6:
                         break
-                    kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
+                    kv = fits_kv(model, b)
                     try:
                         run.add("parts", {"model": name, "family": family, "attention": attention,
                                           **parts.step_parts(model, b, kv, attention=attention)})
@@ -179,7 +179,7 @@ def large_rows(run: suite.Suite, models, batches) -> None:
         if model is None:
             continue
         for b in batches:
-            kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
+            kv = fits_kv(model, b)
             if kv == 0:
                 run.note(f"large: {name} B={b} does not fit (weights + KV state at KV 128 exceed 128 GB)")
                 continue

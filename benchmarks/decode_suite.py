@@ -151,7 +151,7 @@ def family_rows(run: Suite, family: str, names: list[str], batches: list[int], p
         moe = getattr(model.blocks[0].ffn, "path_for", None) is not None
         todo = list(batches) + (MOE_EXTRA if moe and family == "1.6b-x12" else [])
         for b in todo:
-            kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
+            kv = fits_kv(model, b)
             if run.left() < 5:
                 run.note(f"{name}: stopped before batch {b} (time budget)")
                 break
@@ -163,7 +163,7 @@ def family_rows(run: Suite, family: str, names: list[str], batches: list[int], p
             for b in PART_BATCHES:
                 if run.left() < 6:
                     break
-                kv = fits_kv(model, b, min(2048, model.cfg.max_seq_len))
+                kv = fits_kv(model, b)
                 try:
                     run.add("parts", {"model": name, "family": family, **parts.step_parts(model, b, kv)})
                 except Exception as err:  # noqa: BLE001
@@ -185,7 +185,7 @@ def moe_paths(run: Suite, name: str, model) -> None:
             cfg.impl = impl
             try:
                 point(run, "rows", f"{name} [{'grouped' if impl == 'grouped_mm' else impl}]", "1.6b-x12 moe paths",
-                      model, b, fits_kv(model, b, min(2048, model.cfg.max_seq_len)), calls=5, impl=impl)
+                      model, b, fits_kv(model, b), calls=5, impl=impl)
             finally:
                 cfg.impl = "auto"
 
@@ -237,7 +237,7 @@ def compile_rows(run: Suite, name: str, model, batches=(1,)) -> None:
             run.note(f"compile {name} B={b}: skipped (time budget)")
             return
         torch._dynamo.reset()
-        point(run, "compile", name, "compile", model, b, fits_kv(model, b, min(2048, model.cfg.max_seq_len)),
+        point(run, "compile", name, "compile", model, b, fits_kv(model, b),
               compile=opts)
 
 
@@ -255,7 +255,7 @@ def fig6c(run: Suite, base_name: str, batches=(1, 64, 256)) -> None:
             continue
         for b in batches:
             point(run, "fig6c", f"{base_name} x{f} rows", "fig6c", model, b,
-                  fits_kv(model, b, min(2048, model.cfg.max_seq_len)),
+                  fits_kv(model, b),
                   value_rows_factor=f, value_params=sum(m.values.numel() for m in model.memory))
         del model
         run.sync()
@@ -312,7 +312,7 @@ def second(run: Suite) -> None:
         for bb in b:
             if model is not None and run.left() > 4:
                 point(run, "fig6c", f"{base} x{f} rows", "fig6c", model, bb,
-                      fits_kv(model, bb, min(2048, model.cfg.max_seq_len)), value_rows_factor=f,
+                      fits_kv(model, bb), value_rows_factor=f,
                       value_params=sum(m.values.numel() for m in model.memory))
         del model
         run.sync()
