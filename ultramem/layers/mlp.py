@@ -11,7 +11,7 @@ from torch import nn
 
 from ultramem.errors import ConfigError
 from ultramem.layers.base import SparseLayer
-from ultramem.layers.packed import pack, packed
+from ultramem.layers.packed import pack, project
 from ultramem.layers.registry import LayerConfig, ShapeContext, register_layer
 from ultramem.ops.skinny_linear import skinny_linear
 
@@ -79,10 +79,6 @@ class MLP(SparseLayer):
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         # skinny_linear: the decode GEMV kernel for one token, F.linear otherwise
         if self.gate_proj is not None:
-            buf = packed(self, (self.gate_proj, self.up_proj))
-            if buf is not None and not torch.is_grad_enabled():  # one GEMM for gate and up
-                g, h = skinny_linear(x, buf).chunk(2, -1)
-            else:
-                g, h = skinny_linear(x, self.gate_proj.weight), skinny_linear(x, self.up_proj.weight)
+            g, h = project(self, (self.gate_proj, self.up_proj), x)  # one GEMM when packed
             return skinny_linear(F.silu(g) * h, self.down_proj.weight)
         return skinny_linear(F.gelu(skinny_linear(x, self.up_proj.weight)), self.down_proj.weight)

@@ -3,7 +3,7 @@
 :func:`pack` concatenates the weights of several ``nn.Linear`` (same input, no bias) into one
 buffer and makes each parameter a view of its rows: the values, the parameters and the state
 dict stay the same, and a step without gradients can project with one GEMM over the buffer
-(:func:`packed`) instead of one per weight. A decode step at one token reads each weight once
+(:func:`project`) instead of one per weight. A decode step at one token reads each weight once
 either way; one wide cuBLAS GEMV over the buffer runs closer to the memory bandwidth than
 several narrow ones (docs/inference.md). The engine packs its model on CUDA
 (:meth:`ultramem.model.transformer.Transformer.pack_projections`).
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ultramem.ops.skinny_linear import skinny_linear
 
 
 @torch.no_grad()
@@ -44,3 +46,13 @@ def packed(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> torch.Tensor | N
             return None
         ptr += w.shape[0] * step
     return buf
+
+
+def project(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``linears`` applied to ``x``: one GEMM over the packed buffer, split, when no
+    gradient is recorded and the weights are packed; else one ``skinny_linear`` each (the decode
+    GEMV kernel for one token, ``F.linear`` otherwise)."""
+    buf = None if torch.is_grad_enabled() else packed(owner, linears)
+    if buf is not None:
+        return skinny_linear(x, buf).split([lin.out_features for lin in linears], -1)
+    return tuple(skinny_linear(x, lin.weight) for lin in linears)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ultramem.layers.packed import pack, packed
+from ultramem.layers.packed import pack, project
 from ultramem.model.decode_state import KVCache
 from ultramem.ops.decode_attention import decode_attention, rope_write
 from ultramem.ops.decode_attention.reference import rotate
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         """``x [B, S, D]``; with ``cache``: ``positions [B, S]`` where this call's tokens go and
         ``kv_len`` how many cache positions to read (default all)."""
         b, s, _ = x.shape
-        q, k, v = self._project(x)
+        q, k, v = project(self, (self.q_proj, self.k_proj, self.v_proj), x)  # one GEMM when packed
         q = q.view(b, s, self.n_heads, self.head_dim)
         k, v = k.view(b, s, self.n_kv_heads, self.head_dim), v.view(b, s, self.n_kv_heads, self.head_dim)
         mode = self._decode_mode(cache, b) if cache is not None and s == 1 else "sdpa"
@@ -114,16 +114,6 @@ class Attention(nn.Module):
             cache.write(k, v, positions)
             y = self._cached(q, cache, positions, kv_len or cache.k.shape[2])
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
-
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v projections: one GEMM over the packed weight (:meth:`pack_projections`) when
-        no gradient is recorded, else three (``skinny_linear``: the decode GEMV kernel for one
-        token, ``F.linear`` otherwise)."""
-        lins = (self.q_proj, self.k_proj, self.v_proj)
-        buf = packed(self, lins)
-        if buf is not None and not torch.is_grad_enabled():
-            return skinny_linear(x, buf).split([lin.out_features for lin in lins], -1)
-        return tuple(skinny_linear(x, lin.weight) for lin in lins)
 
     def pack_projections(self) -> None:
         """q, k, v weights as views of one buffer (:func:`ultramem.layers.packed.pack`): at one
