@@ -131,7 +131,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=280)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny presets on the CPU, CPU timers")
     ap.add_argument("--compile", action="store_true", help="the compiled-generate call (decode-h200-<tag>-compile.json)")
-    ap.add_argument("--family", action="append", default=[], help="only these families (repeatable)")
+    ap.add_argument("--family", action="append", default=[], choices=[f[0] for f in FAMILIES],
+                    help="only these families (repeatable)")
     ap.add_argument("--tag", default="g", help="the output's letter: decode-h200-<tag>.json")
     args = ap.parse_args()
     run = suite.Suite(args.out, args.budget_s, args.cpu_dry_run)
